@@ -1,0 +1,171 @@
+"""Building an index from arrays: the pure-numpy steps the Spark job runs per partition.
+
+:func:`build_index` chains them on one machine for small corpora and tests; ``spark_job`` runs
+:func:`fit_transform` on a driver-side sample and :func:`build_shard` inside ``mapInArrow``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+
+from batch_index.errors import InvalidInputError
+from batch_index.index_files import (FORMAT, FORMAT_VERSION, ShardInfo, file_checksum, write_manifest,
+                                     write_shard_arrays)
+from batch_index.metrics import METRICS, parse_metrics
+from batch_index.transform import (REFERENCE_METHODS, ReferenceTransform, choose_references, space_points,
+                                   spaces_for)
+from batch_index.tree import KMEANS_KINDS, build_tree
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Index parameters; the CLI's ``build`` flags mirror these fields one to one."""
+
+    metrics: tuple[str, ...] = METRICS
+    n_references: int = 1024
+    reference_method: str = "sample"
+    reference_sample: int = 8192
+    basis_rank: int = 256
+    branching: int = 16
+    leaf_size: int = 64
+    max_depth: int = 12
+    kmeans: str = "minibatch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", parse_metrics(self.metrics))
+        if self.n_references < 1 or self.basis_rank < 1:
+            raise InvalidInputError(
+                f"n_references and basis_rank must be >= 1, got {self.n_references} and {self.basis_rank}")
+        if self.reference_method not in REFERENCE_METHODS:
+            raise InvalidInputError(
+                f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
+        if self.kmeans not in KMEANS_KINDS:
+            raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
+        if self.branching < 2 or self.leaf_size < 1 or self.max_depth < 1 or self.reference_sample < 1:
+            raise InvalidInputError("branching >= 2, leaf_size >= 1, max_depth >= 1 and reference_sample >= 1 "
+                                    f"are required; got {self.branching}, {self.leaf_size}, "
+                                    f"{self.max_depth}, {self.reference_sample}")
+
+
+def fit_transform(sample: npt.NDArray[np.float32], cfg: BuildConfig) -> ReferenceTransform:
+    """Choose references on a sample of the corpus (shape (s, d)) and orthonormalise them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        chosen = choose_references(sample, cfg.n_references, cfg.reference_method, cfg.seed)
+    transform = ReferenceTransform.fit(sample[chosen], cfg.basis_rank)
+    logger.info("references: %d chosen by %s from a sample of %d; basis rank %d",
+                len(chosen), cfg.reference_method, len(sample), transform.width - 1)
+    return transform
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Per-shard seed derived from (seed, shard) so any partitioning builds reproducibly."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] | None,
+                signals: npt.NDArray[np.float32], transform: ReferenceTransform, cfg: BuildConfig
+                ) -> ShardInfo:
+    """Transform one shard, build one tree per metric space, write its files."""
+    t0 = time.perf_counter()
+    z, norms = transform.apply(signals)
+    max_norm = float(norms.max(initial=0.0))
+    trees: dict[str, bytes] = {}
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for space in spaces_for(cfg.metrics):
+            tree = build_tree(space_points(z, norms, space, max_norm), branching=cfg.branching,
+                              leaf_size=cfg.leaf_size, max_depth=cfg.max_depth, kmeans=cfg.kmeans,
+                              seed=shard_seed(cfg.seed, shard))
+            trees[space] = tree.to_bytes()
+    info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees)
+    logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
+                time.perf_counter() - t0)
+    return info
+
+
+def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[ShardInfo], cfg: BuildConfig,
+                 *, dim: int, sampling_rate: float | None, extra: dict[str, Any] | None = None) -> Path:
+    """Write references, basis and (last) the manifest with every file's checksum."""
+    shards = sorted(shards, key=lambda s: s.shard)
+    if [s.shard for s in shards] != list(range(len(shards))):
+        raise InvalidInputError(f"shards must be numbered 0..n-1, got {[s.shard for s in shards]}")
+    np.save(index_dir / "references.npy", transform.references)
+    np.save(index_dir / "basis.npy", transform.basis)
+    files = {name: file_checksum(index_dir / name) for name in ("references.npy", "basis.npy")}
+    offset = 0
+    shard_rows = []
+    for s in shards:
+        shard_rows.append({"shard": s.shard, "count": s.count, "offset": offset, "max_norm": s.max_norm})
+        offset += s.count
+        files.update(s.files)
+    now = datetime.now(timezone.utc)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+        "created": now.isoformat(),
+        "metrics": list(cfg.metrics),
+        "spaces": list(spaces_for(cfg.metrics)),
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "count": offset,
+        "dim": dim,
+        "sampling_rate": sampling_rate,
+        "n_references": int(transform.references.shape[0]),
+        "basis_rank": transform.width - 1,
+        "shards": shard_rows,
+        "files": files,
+        **(extra or {}),
+    }
+    return write_manifest(index_dir, manifest)
+
+
+def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Create an empty output directory; refuse to mix files into an existing index."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InvalidInputError(f"output {str(out)!r} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_index(ids: list[str], signals: npt.ArrayLike, out_dir: str | Path, cfg: BuildConfig = BuildConfig(),
+                *, labels: list[str] | None = None, sampling_rate: float | None = None, n_shards: int = 1,
+                overwrite: bool = False) -> Path:
+    """Build an index on this machine (no Spark), e.g. for tests and small corpora."""
+    x = np.ascontiguousarray(np.asarray(signals, dtype=np.float32))
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InvalidInputError(f"signals must be a non-empty (n_signals, n_samples) array, got shape {x.shape}")
+    if len(ids) != x.shape[0]:
+        raise InvalidInputError(f"{len(ids)} ids for {x.shape[0]} signals")
+    if not np.isfinite(x).all():
+        raise InvalidInputError(f"signal in row {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} "
+                                "contains NaN or infinite values")
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError("ids must be unique")
+    out = prepare_output(out_dir, overwrite=overwrite)
+    rng = np.random.default_rng(cfg.seed)
+    sample_rows = np.sort(rng.choice(x.shape[0], size=min(cfg.reference_sample, x.shape[0]), replace=False))
+    transform = fit_transform(x[sample_rows], cfg)
+    bounds = np.linspace(0, x.shape[0], max(1, n_shards) + 1).astype(int)
+    infos = [build_shard(out, i, list(ids[a:b]), None if labels is None else list(labels[a:b]), x[a:b],
+                         transform, cfg) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return finish_index(out, transform, infos, cfg, dim=x.shape[1], sampling_rate=sampling_rate).parent

@@ -1,0 +1,264 @@
+"""Searching a loaded index in three modes.
+
+- ``exact``: brute force over the raw signals: the ground truth.
+- ``transform``: every signal scored in its metric's reference space (see ``transform``), the best
+  ``rerank`` candidates re-scored exactly on the raw signals.
+- ``hkmeans``: each shard's tree proposes the points of its ``n_probe`` nearest leaves; those are
+  scored in reference space and the best ``rerank`` re-scored exactly.
+
+Scores returned are always the exact metric (higher = more similar); approximate modes differ from
+``exact`` only in which points they find, which the benchmarks measure as recall.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow.parquet as pq
+
+from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
+from batch_index.index_files import load_npy, read_manifest, shard_dir
+from batch_index.metrics import METRICS, check_metric, scores, top_k, top_k_exact
+from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
+from batch_index.tree import KMeansTree
+
+logger = logging.getLogger(__name__)
+
+MODES: Final[tuple[str, ...]] = ("exact", "transform", "hkmeans")
+DEFAULT_MAX_K: Final[int] = 1000
+F32 = npt.NDArray[np.float32]
+
+
+class Match(NamedTuple):
+    id: str
+    score: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Knobs of the approximate modes (ignored by ``exact``).
+
+    n_probe : leaves visited per shard tree (hkmeans); cost grows linearly, recall saturates
+    rerank : candidates re-scored exactly on the raw signals (at least k); each costs d multiply-adds
+    """
+
+    n_probe: int = 16
+    rerank: int = 256
+    route: str = "centroid"
+    beam: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_probe < 1 or self.rerank < 1:
+            raise InvalidInputError(f"n_probe and rerank must be >= 1, got {self.n_probe} and {self.rerank}")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UnknownMetricError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+@dataclass
+class _Shard:
+    offset: int
+    ids: npt.NDArray[np.object_]
+    signals: np.ndarray  # memory map, (n, d) float32
+    z: F32
+    norms: F32
+    max_norm: float
+    trees: dict[str, KMeansTree]
+    _space_cache: dict[str, F32]
+
+    def space(self, name: str) -> F32:
+        if name not in self._space_cache:
+            self._space_cache[name] = space_points(self.z, self.norms, name, self.max_norm)
+        return self._space_cache[name]
+
+
+class SearchIndex:
+    """A loaded index version: small arrays in memory, raw signals memory-mapped."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], transform: ReferenceTransform,
+                 shards: list[_Shard], max_k: int = DEFAULT_MAX_K) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.transform = transform
+        self.shards = shards
+        self.max_k = max_k
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True, max_k: int = DEFAULT_MAX_K) -> SearchIndex:
+        """Load an index directory; checksums are verified unless ``verify`` is False."""
+        root = Path(path)
+        manifest = read_manifest(root, verify=verify)
+        transform = ReferenceTransform(references=load_npy(root / "references.npy"),
+                                       basis=load_npy(root / "basis.npy"))
+        shards = []
+        for row in manifest["shards"]:
+            d = shard_dir(root, int(row["shard"]))
+            try:
+                ids = np.asarray(pq.read_table(d / "ids.parquet", columns=["id"]).column("id").to_pylist(),
+                                 dtype=object)
+            except OSError as e:
+                raise IndexFormatError(f"cannot read ids of shard {row['shard']}: {e}") from e
+            trees = {}
+            for space in manifest["spaces"]:
+                try:
+                    trees[space] = KMeansTree.from_bytes((d / f"tree-{space}.npz").read_bytes())
+                except OSError as e:
+                    raise IndexFormatError(f"cannot read tree {space!r} of shard {row['shard']}: {e}") from e
+            shard = _Shard(offset=int(row["offset"]), ids=ids, signals=load_npy(d / "signals.npy", mmap=True),
+                           z=load_npy(d / "transform.npy"), norms=load_npy(d / "norms.npy"),
+                           max_norm=float(row["max_norm"]), trees=trees, _space_cache={})
+            if not (len(ids) == shard.signals.shape[0] == shard.z.shape[0] == int(row["count"])):
+                raise IndexFormatError(f"shard {row['shard']} row counts disagree with the manifest")
+            shards.append(shard)
+        logger.info("loaded index %s (%d signals, %d shards, metrics %s)", manifest["version"],
+                    manifest["count"], len(shards), ",".join(manifest["metrics"]))
+        return cls(root, manifest, transform, shards, max_k)
+
+    # ---- what callers check against -------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(self.manifest["metrics"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def sampling_rate(self) -> float | None:
+        return self.manifest.get("sampling_rate")
+
+    @cached_property
+    def ids(self) -> npt.NDArray[np.object_]:
+        return np.concatenate([s.ids for s in self.shards])
+
+    def check_metric(self, metric: str) -> str:
+        check_metric(metric)
+        if metric not in self.metrics:
+            raise MetricNotIndexedError(
+                f"metric {metric!r} is not in this index (built for {', '.join(self.metrics)})")
+        return metric
+
+    def check_queries(self, queries: npt.ArrayLike, metric: str, mode: str, k: int,
+                      threshold: float | None = None) -> F32:
+        """Validate once at the door; returns queries as float32 of shape (nq, dim)."""
+        self.check_metric(metric)
+        check_mode(mode)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
+            raise InvalidInputError(f"k must be an integer in 1..{self.max_k}, got {k!r}")
+        if threshold is not None and not np.isfinite(threshold):
+            raise InvalidInputError(f"threshold must be a finite number, got {threshold!r}")
+        try:
+            q = np.asarray(queries, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"queries must be numeric arrays: {e}") from e
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise InvalidInputError(f"query has {q.shape[-1] if q.ndim else 0} samples; this index expects "
+                                    f"{self.dim}")
+        bad = ~np.isfinite(q).all(axis=1)
+        if bad.any():
+            raise InvalidInputError(f"query {int(np.flatnonzero(bad)[0])} contains NaN or infinite values")
+        return q
+
+    def check_query(self, sample: npt.ArrayLike, metric: str, mode: str, k: int,
+                    threshold: float | None = None) -> F32:
+        """:meth:`check_queries` for one sample of shape (dim,)."""
+        sample = np.asarray(sample)
+        if sample.ndim != 1:
+            raise InvalidInputError(f"a sample must be one-dimensional, got shape {sample.shape}")
+        return self.check_queries(sample, metric, mode, k, threshold)[0]
+
+    # ---- search --------------------------------------------------------------------------------
+    def search(self, queries: npt.ArrayLike, metric: str, mode: str = "hkmeans", k: int = 10,
+               threshold: float | None = None, params: SearchParams | None = None) -> list[list[Match]]:
+        """Top-k matches per query, best first; rows below ``threshold`` are dropped."""
+        q = self.check_queries(queries, metric, mode, k, threshold)
+        idx, sc = self.search_arrays(q, metric, mode, k, params or SearchParams())
+        out = []
+        ids = self.ids
+        for irow, srow in zip(idx, sc):
+            keep = np.ones(len(irow), bool) if threshold is None else srow >= threshold
+            out.append([Match(str(ids[i]), float(s), r + 1) for r, (i, s) in enumerate(zip(irow[keep], srow[keep]))])
+        return out
+
+    def search_arrays(self, q: F32, metric: str, mode: str, k: int, params: SearchParams
+                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Global row indices and exact scores, shape (nq, min(k, size)); inputs already checked."""
+        if mode == "exact":
+            return self._exact(q, metric, k)
+        kk = min(k, self.size)
+        out_i = np.zeros((len(q), kk), np.int64)
+        out_s = np.zeros((len(q), kk), np.float64)
+        space = SPACE_OF_METRIC[metric]
+        zq, nq = self.transform.apply(q)
+        aq = space_queries(zq, nq, space)
+        rerank = max(params.rerank, kk)
+        for i in range(len(q)):
+            cand, approx = self._candidates(aq[i], space, mode, params)
+            if cand.size > rerank:
+                best = np.argpartition(approx, rerank - 1)[:rerank]
+                cand = cand[best]
+            cand = np.sort(cand)
+            exact = scores(q[i], self._rows(cand), metric)
+            top = top_k(exact, kk)
+            n = len(top)
+            out_i[i, :n], out_s[i, :n] = cand[top], exact[top]
+            if n < kk:  # fewer candidates than k: pad from exact search rather than return short lists
+                out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
+        return out_i, out_s
+
+    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams) -> tuple[npt.NDArray[np.int64], F32]:
+        """Candidate global rows with their squared L2 distance in reference space (lower = better)."""
+        cands, dists = [], []
+        for s in self.shards:
+            pts = s.space(space)
+            local = s.trees[space].search(pts, aq, params.n_probe, params.route, params.beam) if mode == "hkmeans" else slice(None)
+            diff = pts[local] - aq
+            dists.append(np.einsum("ij,ij->i", diff, diff))
+            cands.append((np.arange(len(pts)) if mode != "hkmeans" else local).astype(np.int64) + s.offset)
+        return np.concatenate(cands), np.concatenate(dists)
+
+    def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
+        """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0].signals[global_rows])
+        offsets = np.array([s.offset for s in self.shards])
+        which = np.searchsorted(offsets, global_rows, side="right") - 1
+        return np.concatenate([np.asarray(self.shards[w].signals[global_rows[which == w] - self.shards[w].offset])
+                               for w in np.unique(which)])
+
+    def _exact(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        parts_i, parts_s = [], []
+        for s in self.shards:
+            i, sc = top_k_exact(q, s.signals, metric, k, point_sq_norms=s.norms.astype(np.float32) ** 2)
+            parts_i.append(i + s.offset)
+            parts_s.append(sc)
+        all_i, all_s = np.hstack(parts_i), np.hstack(parts_s)
+        kk = min(k, self.size)
+        out_i = np.zeros((len(q), kk), np.int64)
+        out_s = np.zeros((len(q), kk), np.float64)
+        for r in range(len(q)):
+            top = np.lexsort((all_i[r], -all_s[r]))[:kk]
+            out_i[r], out_s[r] = all_i[r][top], all_s[r][top]
+        return out_i, out_s
+
+
+__all__ = ["MODES", "METRICS", "Match", "SearchIndex", "SearchParams", "check_mode"]
