@@ -22,11 +22,23 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 from batch_index.errors import InvalidInputError
-from batch_index.index_files import (FORMAT, FORMAT_VERSION, ShardInfo, file_checksum, write_manifest,
-                                     write_shard_arrays)
+from batch_index.graph import build_graph
+from batch_index.index_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    ShardInfo,
+    file_checksum,
+    write_manifest,
+    write_shard_arrays,
+)
 from batch_index.metrics import METRICS, parse_metrics
-from batch_index.transform import (REFERENCE_METHODS, ReferenceTransform, choose_references, space_points,
-                                   spaces_for)
+from batch_index.transform import (
+    REFERENCE_METHODS,
+    ReferenceTransform,
+    choose_references,
+    space_points,
+    spaces_for,
+)
 from batch_index.tree import KMEANS_KINDS, build_tree
 
 logger = logging.getLogger(__name__)
@@ -40,11 +52,12 @@ class BuildConfig:
     n_references: int = 1024
     reference_method: str = "sample"
     reference_sample: int = 8192
-    basis_rank: int = 256
+    basis_rank: int = 384
     branching: int = 16
     leaf_size: int = 64
     max_depth: int = 12
     kmeans: str = "minibatch"
+    graph_degree: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +70,8 @@ class BuildConfig:
                 f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
         if self.kmeans not in KMEANS_KINDS:
             raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
+        if self.graph_degree < 1:
+            raise InvalidInputError(f"graph_degree must be >= 1, got {self.graph_degree}")
         if self.branching < 2 or self.leaf_size < 1 or self.max_depth < 1 or self.reference_sample < 1:
             raise InvalidInputError("branching >= 2, leaf_size >= 1, max_depth >= 1 and reference_sample >= 1 "
                                     f"are required; got {self.branching}, {self.leaf_size}, "
@@ -87,14 +102,16 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
     z, norms = transform.apply(signals)
     max_norm = float(norms.max(initial=0.0))
     trees: dict[str, bytes] = {}
+    graphs: dict[str, npt.NDArray[np.int32]] = {}
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for space in spaces_for(cfg.metrics):
-            tree = build_tree(space_points(z, norms, space, max_norm), branching=cfg.branching,
-                              leaf_size=cfg.leaf_size, max_depth=cfg.max_depth, kmeans=cfg.kmeans,
-                              seed=shard_seed(cfg.seed, shard))
+            pts = space_points(z, norms, space, max_norm)
+            tree = build_tree(pts, branching=cfg.branching, leaf_size=cfg.leaf_size, max_depth=cfg.max_depth,
+                              kmeans=cfg.kmeans, seed=shard_seed(cfg.seed, shard))
             trees[space] = tree.to_bytes()
-    info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees)
+            graphs[space] = build_graph(pts, degree=cfg.graph_degree)
+    info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)
     return info

@@ -11,6 +11,7 @@ Layout::
       shards/NNNNN/transform.npy    (n, r + 1) float32 reference coordinates
       shards/NNNNN/norms.npy        (n,) float32 signal norms
       shards/NNNNN/tree-SPACE.npz   one compact tree per metric space
+      shards/NNNNN/graph-SPACE.npy  (n, 2 * degree) int32 neighbour lists per metric space
 
 A shard is self-contained (its rows, coordinates and trees), so a cluster can search an index that
 does not fit one executor shard by shard and merge the per-shard top-k.
@@ -64,7 +65,7 @@ class ShardInfo:
 
 def write_shard_arrays(index_dir: Path, shard: int, ids: list[str], labels: list[str] | None,
                        signals: np.ndarray, z: np.ndarray, norms: np.ndarray,
-                       trees: dict[str, bytes]) -> ShardInfo:
+                       trees: dict[str, bytes], graphs: dict[str, np.ndarray]) -> ShardInfo:
     """Write one shard's files and return their checksums."""
     d = shard_dir(index_dir, shard)
     d.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,8 @@ def write_shard_arrays(index_dir: Path, shard: int, ids: list[str], labels: list
     np.save(d / "norms.npy", np.ascontiguousarray(norms, dtype=np.float32))
     for space, blob in trees.items():
         (d / f"tree-{space}.npz").write_bytes(blob)
+    for space, nbrs in graphs.items():
+        np.save(d / f"graph-{space}.npy", np.ascontiguousarray(nbrs, dtype=np.int32))
     files = {str(p.relative_to(index_dir)): file_checksum(p) for p in sorted(d.iterdir())}
     return ShardInfo(shard=shard, count=len(ids), max_norm=float(norms.max(initial=0.0)), files=files)
 

@@ -3,8 +3,9 @@
 - ``exact``: brute force over the raw signals: the ground truth.
 - ``transform``: every signal scored in its metric's reference space (see ``transform``), the best
   ``rerank`` candidates re-scored exactly on the raw signals.
-- ``hkmeans``: each shard's tree proposes the points of its ``n_probe`` nearest leaves; those are
-  scored in reference space and the best ``rerank`` re-scored exactly.
+- ``hkmeans``: each shard's tree descent picks its ``n_probe`` nearest leaves; their members seed a
+  best-first walk over the shard's neighbour graph in reference space (``graph``), which keeps the
+  ``ef`` nearest points it meets; the best ``rerank`` of those are re-scored exactly.
 
 Scores returned are always the exact metric (higher = more similar); approximate modes differ from
 ``exact`` only in which points they find, which the benchmarks measure as recall.
@@ -23,6 +24,7 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
+from batch_index.graph import graph_search
 from batch_index.index_files import load_npy, read_manifest, shard_dir
 from batch_index.metrics import METRICS, check_metric, scores, top_k, top_k_exact
 from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
@@ -45,18 +47,23 @@ class Match(NamedTuple):
 class SearchParams:
     """Knobs of the approximate modes (ignored by ``exact``).
 
-    n_probe : leaves visited per shard tree (hkmeans); cost grows linearly, recall saturates
+    n_probe : leaves per shard whose members seed the graph walk (hkmeans)
+    ef : points the graph walk keeps per shard (hkmeans); the main recall/speed knob
     rerank : candidates re-scored exactly on the raw signals (at least k); each costs d multiply-adds
+    route : steer the tree descent by node ``centroid`` or by its ``representative`` real signal
     """
 
-    n_probe: int = 16
-    rerank: int = 256
+    n_probe: int = 2
+    ef: int = 128
+    rerank: int = 128
     route: str = "centroid"
-    beam: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_probe < 1 or self.rerank < 1:
-            raise InvalidInputError(f"n_probe and rerank must be >= 1, got {self.n_probe} and {self.rerank}")
+        if self.n_probe < 1 or self.rerank < 1 or self.ef < 1:
+            raise InvalidInputError(
+                f"n_probe, ef and rerank must be >= 1, got {self.n_probe}, {self.ef} and {self.rerank}")
+        if self.route not in ("centroid", "representative"):
+            raise InvalidInputError(f"route must be 'centroid' or 'representative', got {self.route!r}")
 
 
 def check_mode(mode: str) -> str:
@@ -74,6 +81,7 @@ class _Shard:
     norms: F32
     max_norm: float
     trees: dict[str, KMeansTree]
+    graphs: dict[str, npt.NDArray[np.int32]]
     _space_cache: dict[str, F32]
 
     def space(self, name: str) -> F32:
@@ -108,15 +116,16 @@ class SearchIndex:
                                  dtype=object)
             except OSError as e:
                 raise IndexFormatError(f"cannot read ids of shard {row['shard']}: {e}") from e
-            trees = {}
+            trees, graphs = {}, {}
             for space in manifest["spaces"]:
                 try:
                     trees[space] = KMeansTree.from_bytes((d / f"tree-{space}.npz").read_bytes())
                 except OSError as e:
                     raise IndexFormatError(f"cannot read tree {space!r} of shard {row['shard']}: {e}") from e
+                graphs[space] = load_npy(d / f"graph-{space}.npy")
             shard = _Shard(offset=int(row["offset"]), ids=ids, signals=load_npy(d / "signals.npy", mmap=True),
                            z=load_npy(d / "transform.npy"), norms=load_npy(d / "norms.npy"),
-                           max_norm=float(row["max_norm"]), trees=trees, _space_cache={})
+                           max_norm=float(row["max_norm"]), trees=trees, graphs=graphs, _space_cache={})
             if not (len(ids) == shard.signals.shape[0] == shard.z.shape[0] == int(row["count"])):
                 raise IndexFormatError(f"shard {row['shard']} row counts disagree with the manifest")
             shards.append(shard)
@@ -225,15 +234,20 @@ class SearchIndex:
                 out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
         return out_i, out_s
 
-    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams) -> tuple[npt.NDArray[np.int64], F32]:
+    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams
+                    ) -> tuple[npt.NDArray[np.int64], F32]:
         """Candidate global rows with their squared L2 distance in reference space (lower = better)."""
         cands, dists = [], []
         for s in self.shards:
             pts = s.space(space)
-            local = s.trees[space].search(pts, aq, params.n_probe, params.route, params.beam) if mode == "hkmeans" else slice(None)
-            diff = pts[local] - aq
-            dists.append(np.einsum("ij,ij->i", diff, diff))
-            cands.append((np.arange(len(pts)) if mode != "hkmeans" else local).astype(np.int64) + s.offset)
+            if mode == "hkmeans":
+                seeds = s.trees[space].search(pts, aq, params.n_probe, params.route)
+                local, d = graph_search(pts, s.graphs[space], aq, seeds, params.ef)
+            else:
+                local = np.arange(len(pts), dtype=np.int64)
+                d = np.maximum(np.einsum("ij,ij->i", pts, pts) - 2.0 * (pts @ aq) + aq @ aq, 0.0)
+            cands.append(local + s.offset)
+            dists.append(d)
         return np.concatenate(cands), np.concatenate(dists)
 
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
@@ -261,4 +275,4 @@ class SearchIndex:
         return out_i, out_s
 
 
-__all__ = ["MODES", "METRICS", "Match", "SearchIndex", "SearchParams", "check_mode"]
+__all__ = ["METRICS", "MODES", "Match", "SearchIndex", "SearchParams", "check_mode"]

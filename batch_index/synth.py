@@ -10,8 +10,8 @@ electrocardiogram signals", IEEE TBME 50(3), 2003): every beat is a sum of Gauss
 at fixed positions relative to the R peak, with positions and widths scaled by the RR interval, and the
 RR intervals come from a process with a low-frequency (~0.1 Hz, Mayer wave) and a high-frequency
 (respiratory sinus arrhythmia) component. Instead of integrating ECGSYN's ODE we evaluate the waves
-directly in time, each only on its own support, which is what makes ~10^3 windows per second per core
-possible. Waves are bi-Gaussians (a different width on each side) so that T waves can rise slowly and
+directly in time, each only on its own support, which is what makes a few thousand 10 s windows per second per
+core possible. Waves are bi-Gaussians (a different width on each side) so that T waves can rise slowly and
 fall fast, as real ones do.
 
 Determinism: row ``i`` is drawn from ``np.random.default_rng([seed, i])`` and from nothing else, so any
@@ -112,7 +112,7 @@ class SynthConfig:
     @property
     def n_samples(self) -> int:
         """Samples per window, ``round(sampling_rate * duration_s)``."""
-        return int(round(self.sampling_rate * self.duration_s))
+        return round(self.sampling_rate * self.duration_s)
 
 
 def row_id(i: int) -> str:
@@ -220,7 +220,7 @@ def _beat_times(rng: np.random.Generator, label: str, dur: float, f_resp: float,
     key = label if label in _HR else "other"
     rr_mean = 60.0 / rng.uniform(*_HR[key])
     cv = rng.uniform(*_HRV[key])
-    n = int(math.ceil((dur + 3.0) / max(0.25, 0.5 * rr_mean))) + 3
+    n = math.ceil((dur + 3.0) / max(0.25, 0.5 * rr_mean)) + 3
     if label == "afib":
         rr = rr_mean * np.exp(rng.normal(-0.5 * cv * cv, cv, size=n))
     else:
@@ -229,8 +229,9 @@ def _beat_times(rng: np.random.Generator, label: str, dur: float, f_resp: float,
         lf = np.sin(2 * math.pi * rng.normal(0.1, 0.015, size=(3, 1)) * tau
                     + rng.uniform(0.0, 2 * math.pi, size=(3, 1))).sum(axis=0) / math.sqrt(1.5)
         hf = math.sqrt(2.0) * np.sin(2 * math.pi * f_resp * tau + resp_phase)
-        rr = rr_mean * (1.0 + cv * (math.sqrt(lf_share) * lf + math.sqrt(1.0 - lf_share) * hf) * 0.95
-                        + rng.normal(0.0, 0.3 * cv, size=n))
+        smooth = math.sqrt(lf_share) * lf + math.sqrt(1.0 - lf_share) * hf  # unit variance
+        # 0.95^2 + 0.3^2 ~ 1, so std(RR) / mean(RR) ~ cv
+        rr = rr_mean * (1.0 + cv * (0.95 * smooth + 0.3 * rng.standard_normal(n)))
     rr = np.maximum(rr, 0.27)
     beat_t = -1.0 - rng.uniform(0.0, 1.0) * rr_mean + np.concatenate(([0.0], np.cumsum(rr[1:])))
     keep = (beat_t > -1.2) & (beat_t < dur + 0.6)
@@ -244,6 +245,8 @@ def _pick_pvcs(rng: np.random.Generator, beat_t: F64, dur: float) -> npt.NDArray
     enough), so every "pvc" window shows the premature beat *and* its compensatory pause.
     """
     n = beat_t.size
+    if n < 3:
+        return np.zeros(n, dtype=bool)
     pick = (beat_t > 0.0) & (beat_t < dur) & (rng.random(n) < rng.uniform(0.1, 0.25))
     pick[0] = pick[-1] = False  # a PVC couples to a preceding beat; the pause needs a following one
     pick[1:] &= ~pick[:-1]
@@ -331,7 +334,7 @@ def _render(n: int, fs: float, centre: F64, amp: F64, sigma_l: F64, sigma_r: F64
     aa = 0.6 / fs
     sl, sr = np.sqrt(sigma_l**2 + aa**2), np.sqrt(sigma_r**2 + aa**2)
     amp = amp * (sigma_l + sigma_r) / (sl + sr)
-    half = int(math.ceil(_TRUNCATE_SIGMAS * max(float(sl.max(initial=0.0)), float(sr.max(initial=0.0))) * fs))
+    half = math.ceil(_TRUNCATE_SIGMAS * max(float(sl.max(initial=0.0)), float(sr.max(initial=0.0))) * fs)
     keep = (amp != 0.0) & (centre * fs > -half) & (centre * fs < n + half)
     centre, amp, sl, sr = centre[keep], amp[keep], sl[keep], sr[keep]
     idx = np.rint(centre * fs).astype(np.int64)[:, None] + np.arange(-half, half + 1)
@@ -339,7 +342,8 @@ def _render(n: int, fs: float, centre: F64, amp: F64, sigma_l: F64, sigma_r: F64
     z = dt / np.where(dt < 0.0, sl[:, None], sr[:, None])
     vals = amp[:, None] * np.exp(-0.5 * z * z)
     ok = (idx >= 0) & (idx < n)
-    return np.bincount(idx[ok], weights=vals[ok], minlength=n)
+    # astype: bincount returns integers when nothing falls on the grid
+    return np.bincount(idx[ok], weights=vals[ok], minlength=n).astype(np.float64, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def _noise(rng: np.random.Generator, t: F64, fs: float, f_resp: float, resp_phas
     """Baseline wander (breathing sinusoid + slow random walk), EMG (white, sometimes a burst), mains."""
     n, dur = t.size, t.size / fs
     knots_t = np.arange(0.0, dur + 0.5, 0.25)
-    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.01, 0.05) * 0.5, size=knots_t.size))
+    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.01, 0.05) * 0.5, size=knots_t.size))  # mV/sqrt(s) * sqrt(0.25 s)
     wander = (rng.uniform(0.02, 0.15) * np.sin(2 * math.pi * f_resp * t + resp_phase + rng.uniform(0.5, 1.5))
               + np.interp(t, knots_t, walk - walk.mean()))
     # EMG level is set for a 250 Hz recording; a lower rate keeps only its share of the broadband power.

@@ -15,11 +15,11 @@ import logging
 import math
 import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,7 @@ _TO_MV: Final[dict[str, float]] = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3}
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,12 @@ class IngestConfig:
     @property
     def window_len(self) -> int:
         """Samples per window at the target rate."""
-        return int(round(self.window_s * self.target_rate))
+        return round(self.window_s * self.target_rate)
 
     @property
     def stride_len(self) -> int:
         """Samples between window starts at the target rate."""
-        return int(round(self.stride_s * self.target_rate))
+        return round(self.stride_s * self.target_rate)
 
 
 def windows_from_record(record_path: str | Path, cfg: IngestConfig | None = None
@@ -134,7 +135,7 @@ def windows_from_record(record_path: str | Path, cfg: IngestConfig | None = None
         logger.info("record %s lead %s: skipped %d of %d windows containing NaN",
                     base.name, lead_name, int((~good).sum()), starts.size)
     starts, src_lo, src_hi = starts[good], src_lo[good], src_hi[good]
-    signals = np.lib.stride_tricks.sliding_window_view(y, w)[starts].astype(np.float32)
+    signals = y[starts[:, None] + np.arange(w)].astype(np.float32)  # (n_windows, w), also when empty
     labels = _window_labels(base, src_lo, src_hi)
     ids = [f"{base.name}-{lead_name}-{int(st)}" for st in starts]
     logger.debug("record %s lead %s: %d windows of %d samples at %g Hz (source %g Hz)",
@@ -176,7 +177,7 @@ def _record_base(record_path: str | Path) -> Path:
     return base
 
 
-def _read(fn, base: Path, **kwargs):  # type: ignore[no-untyped-def]
+def _read(fn: Callable[..., T], base: Path, **kwargs: Any) -> T:
     """Call a wfdb reader, turning its assorted failures into one InvalidInputError naming the record."""
     try:
         return fn(str(base), **kwargs)

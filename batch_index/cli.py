@@ -1,0 +1,287 @@
+"""``python -m batch_index``: generate, ingest, build, search, inspect.
+
+Flags mirror the config dataclasses (``SynthConfig``, ``IngestConfig``, ``BuildConfig``,
+``SearchParams``); deployment settings also read environment variables, shown in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_index.builder import BuildConfig
+from batch_index.errors import EcgSearchError, InvalidInputError
+from batch_index.metrics import METRICS
+from batch_index.search import MODES, SearchParams
+
+logger = logging.getLogger("batch_index")
+
+ENV_MASTER = "ECG_SPARK_MASTER"
+ENV_DRIVER_MEMORY = "ECG_SPARK_DRIVER_MEMORY"
+LOCAL_SEARCH_MAX_QUERIES = 20_000
+_BUILD_DEFAULTS = BuildConfig()
+_SEARCH_DEFAULTS = SearchParams()
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _spark_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master", default=_env(ENV_MASTER, "local[2]"),
+                   help=f"Spark master URL (env {ENV_MASTER}; default %(default)s)")
+    p.add_argument("--driver-memory", default=_env(ENV_DRIVER_MEMORY, "4g"),
+                   help=f"Spark driver memory (env {ENV_DRIVER_MEMORY}; default %(default)s)")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="Spark partitions (= index shards for build); default: from the input")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m batch_index", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write a synthetic ECG corpus (Parquet: id, label, signal)")
+    g.add_argument("--output", required=True, help="Parquet output (a directory when --engine spark)")
+    g.add_argument("--n", type=_positive_int, default=10_000, help="number of windows (default %(default)s)")
+    g.add_argument("--start", type=int, default=0, help="first row number; rows are deterministic per (seed, row)")
+    g.add_argument("--sampling-rate", type=float, default=250.0, help="Hz (default %(default)s)")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds per window (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--noise-scale", type=float, default=1.0)
+    g.add_argument("--engine", choices=("auto", "local", "spark"), default="auto",
+                   help="auto: Spark above 50,000 rows, else one file written locally")
+    _spark_flags(g)
+
+    i = sub.add_parser("ingest", help="cut WFDB records into windows (Parquet: id, label, signal)")
+    i.add_argument("--records", nargs="+", required=True, help="record paths without extension (e.g. data/100)")
+    i.add_argument("--output", required=True)
+    i.add_argument("--window", type=float, default=10.0, help="window length in s (default %(default)s)")
+    i.add_argument("--stride", type=float, default=10.0, help="s between window starts (default %(default)s)")
+    i.add_argument("--sampling-rate", type=float, default=250.0, help="target Hz (default %(default)s)")
+    i.add_argument("--lead", default=None, help="lead name or 0-based index (default: first lead)")
+
+    b = sub.add_parser("build", help="build an index directory from a Parquet corpus with Spark")
+    b.add_argument("--input", required=True, help="corpus Parquet file or directory (columns id, signal)")
+    b.add_argument("--output", required=True, help="index directory to create")
+    b.add_argument("--metrics", default=",".join(METRICS), help="comma-separated (default: all four)")
+    b.add_argument("--n-references", type=_positive_int, default=_BUILD_DEFAULTS.n_references,
+                   help="real reference signals (default %(default)s)")
+    b.add_argument("--reference-method", choices=("sample", "kmeans", "farthest"),
+                   default=_BUILD_DEFAULTS.reference_method, help="how references are picked (default %(default)s)")
+    b.add_argument("--reference-sample", type=_positive_int, default=_BUILD_DEFAULTS.reference_sample,
+                   help="rows sampled to the driver to pick references from (default %(default)s)")
+    b.add_argument("--basis-rank", type=_positive_int, default=_BUILD_DEFAULTS.basis_rank,
+                   help="reference-space dimensions kept (default %(default)s)")
+    b.add_argument("--branching", type=_positive_int, default=_BUILD_DEFAULTS.branching)
+    b.add_argument("--leaf-size", type=_positive_int, default=_BUILD_DEFAULTS.leaf_size)
+    b.add_argument("--max-depth", type=_positive_int, default=_BUILD_DEFAULTS.max_depth)
+    b.add_argument("--kmeans", choices=("minibatch", "lloyd"), default=_BUILD_DEFAULTS.kmeans)
+    b.add_argument("--graph-degree", type=_positive_int, default=_BUILD_DEFAULTS.graph_degree,
+                   help="neighbours per signal in the reference-space graph (default %(default)s)")
+    b.add_argument("--seed", type=int, default=_BUILD_DEFAULTS.seed)
+    b.add_argument("--sampling-rate", type=float, default=None, help="Hz, recorded in the manifest")
+    b.add_argument("--engine", choices=("spark", "local"), default="spark",
+                   help="spark (default) or local: one process, for corpora that fit in memory")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _spark_flags(b)
+
+    s = sub.add_parser("search", help="search every row of a Parquet query file")
+    s.add_argument("--index", required=True)
+    s.add_argument("--queries", required=True, help="Parquet with columns id, signal")
+    s.add_argument("--metric", required=True, choices=METRICS)
+    s.add_argument("--mode", default="hkmeans", choices=MODES)
+    s.add_argument("--k", type=_positive_int, default=10)
+    s.add_argument("--output", required=True, help="results Parquet: query_id, rank, id, score")
+    s.add_argument("--threshold", type=float, default=None, help="drop matches scoring below this")
+    s.add_argument("--n-probe", type=_positive_int, default=_SEARCH_DEFAULTS.n_probe,
+                   help="hkmeans: leaves visited per shard (default %(default)s)")
+    s.add_argument("--rerank", type=_positive_int, default=_SEARCH_DEFAULTS.rerank,
+                   help="candidates re-scored exactly (default %(default)s)")
+    s.add_argument("--ef", type=_positive_int, default=_SEARCH_DEFAULTS.ef,
+                   help="hkmeans: points the graph walk keeps per shard (default %(default)s)")
+    s.add_argument("--route", choices=("centroid", "representative"), default=_SEARCH_DEFAULTS.route,
+                   help="hkmeans: steer by node centroid or by its representative signal")
+    s.add_argument("--recall", action="store_true",
+                   help="also run exact search on the same queries and report recall@k (slower)")
+    s.add_argument("--engine", choices=("auto", "local", "spark"), default="auto",
+                   help=f"auto: Spark above {LOCAL_SEARCH_MAX_QUERIES} queries, else in this process")
+    _spark_flags(s)
+
+    n = sub.add_parser("inspect", help="verify an index and print its manifest summary")
+    n.add_argument("--index", required=True)
+    n.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    return parser
+
+
+def _spark(args: argparse.Namespace):
+    from batch_index.spark_job import spark_session
+
+    spark = spark_session(args.master, driver_memory=args.driver_memory)
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from batch_index.synth import SynthConfig, generate
+
+    cfg = SynthConfig(sampling_rate=args.sampling_rate, duration_s=args.duration, seed=args.seed,
+                      noise_scale=args.noise_scale)
+    if args.engine == "spark" or (args.engine == "auto" and args.n > 50_000):
+        from batch_index import spark_job
+
+        if args.start:
+            raise InvalidInputError("--start is only supported with --engine local")
+        spark_job.generate(_spark(args), args.output, args.n, cfg, args.partitions)
+    else:
+        from batch_index.corpus import write_corpus
+
+        ids, labels, signals = generate(args.start, args.n, cfg)
+        write_corpus(args.output, ids, signals, labels)
+    logger.info("wrote %d synthetic windows of %d samples to %s", args.n, cfg.n_samples, args.output)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from batch_index.corpus import write_corpus
+    from batch_index.wfdb_ingest import IngestConfig, ingest_records
+
+    lead: str | int | None = args.lead
+    if lead is not None and lead.isdigit():
+        lead = int(lead)
+    cfg = IngestConfig(window_s=args.window, stride_s=args.stride, target_rate=args.sampling_rate, lead=lead)
+    ids, labels, signals = ingest_records(args.records, cfg)
+    if not ids:
+        raise InvalidInputError("no complete windows in the given records")
+    write_corpus(args.output, ids, signals, labels)
+    logger.info("wrote %d windows of %d samples to %s", len(ids), signals.shape[1], args.output)
+    return 0
+
+
+def build_config(args: argparse.Namespace) -> BuildConfig:
+    return BuildConfig(metrics=args.metrics, n_references=args.n_references, reference_method=args.reference_method,
+                       reference_sample=args.reference_sample, basis_rank=args.basis_rank,
+                       branching=args.branching, leaf_size=args.leaf_size, max_depth=args.max_depth,
+                       kmeans=args.kmeans, graph_degree=args.graph_degree, seed=args.seed)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    t0 = time.monotonic()
+    if args.engine == "local":
+        from batch_index.builder import build_index
+        from batch_index.corpus import read_corpus
+
+        ids, signals, meta = read_corpus(args.input)
+        labels = meta.column("label").to_pylist() if "label" in meta.column_names else None
+        out = build_index(ids, signals, args.output, cfg, labels=labels, sampling_rate=args.sampling_rate,
+                          n_shards=args.partitions or 1, overwrite=args.overwrite)
+    else:
+        from batch_index import spark_job
+
+        out = spark_job.build(_spark(args), args.input, args.output, cfg, partitions=args.partitions,
+                              sampling_rate=args.sampling_rate, overwrite=args.overwrite)
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    print(f"index {manifest['version']}: {manifest['count']} signals x {manifest['dim']} samples, "
+          f"{len(manifest['shards'])} shard(s), metrics {','.join(manifest['metrics'])}, "
+          f"built in {time.monotonic() - t0:.1f} s -> {out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from batch_index.corpus import read_corpus
+    from batch_index.search import SearchIndex
+
+    params = SearchParams(n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, route=args.route)
+    index = SearchIndex.load(args.index)
+    index.check_metric(args.metric)
+    n_queries = pq.ParquetFile(args.queries).metadata.num_rows if Path(args.queries).is_file() else None
+    t0 = time.monotonic()
+    if args.engine == "spark" or (args.engine == "auto" and (n_queries is None or n_queries > LOCAL_SEARCH_MAX_QUERIES)):
+        from batch_index import spark_job
+
+        table = spark_job.search(_spark(args), index, args.queries, args.metric, args.mode, args.k,
+                                 args.threshold, params, args.partitions)
+        ids = None
+    else:
+        from batch_index.spark_job import results_batch
+
+        ids, q, _ = read_corpus(args.queries, expected_len=index.dim)
+        matches = index.search(q, args.metric, args.mode, args.k, args.threshold, params)
+        table = pa.Table.from_batches([results_batch(ids, matches)])
+    elapsed = time.monotonic() - t0
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, args.output)
+    nq = len(ids) if ids is not None else len(set(table.column("query_id").to_pylist()))
+    print(f"{nq} queries, {table.num_rows} matches ({args.metric}, {args.mode}, k={args.k}) "
+          f"in {elapsed:.2f} s ({nq / max(elapsed, 1e-9):.0f} queries/s) -> {args.output}")
+    if args.recall:
+        if ids is None:
+            ids, q, _ = read_corpus(args.queries, expected_len=index.dim)
+        print(f"recall@{args.k} against exact: {measure_recall(index, q, args.metric, args.mode, args.k, params):.4f}")
+    return 0
+
+
+def measure_recall(index, q: np.ndarray, metric: str, mode: str, k: int, params: SearchParams) -> float:
+    """Mean fraction of the exact top-k that ``mode`` also returns (ann-benchmarks' recall@k)."""
+    truth, _ = index.search_arrays(q, metric, "exact", k, params)
+    got, _ = index.search_arrays(q, metric, mode, k, params)
+    return float(np.mean([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(got, truth)]))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from batch_index.index_files import read_manifest
+
+    t0 = time.monotonic()
+    m = read_manifest(Path(args.index), verify=not args.no_verify)
+    size = sum((Path(args.index) / f).stat().st_size for f in m["files"])
+    print(json.dumps({k: m[k] for k in ("version", "created", "metrics", "count", "dim", "sampling_rate",
+                                        "n_references", "basis_rank", "params")}, indent=2))
+    print(f"{len(m['shards'])} shard(s), {len(m['files'])} files, {size / 1e6:.1f} MB; "
+          f"checksums {'verified' if not args.no_verify else 'not checked'} in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+_COMMANDS = {"generate": cmd_generate, "ingest": cmd_ingest, "build": cmd_build, "search": cmd_search,
+             "inspect": cmd_inspect}
+_OUR_ERROR = re.compile(r"(?:InvalidInputError|IndexFormatError|UnknownMetricError|MetricNotIndexedError): (.+)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    try:
+        return _COMMANDS[args.command](args)
+    except EcgSearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # errors raised on Spark executors arrive wrapped; show ours plainly
+        found = _OUR_ERROR.search(str(e))
+        if found is None:
+            raise
+        print(f"error: {found.group(1).strip()}", file=sys.stderr)
+        return 2

@@ -1,0 +1,128 @@
+"""A k-nearest-neighbour graph in reference space, seeded by the k-means tree.
+
+The tree alone needs to open a large share of its leaves before it finds 95% of the true
+neighbours of ECG windows (their neighbourhoods straddle many clusters). So, as in EFANNA, the tree
+does what it is good at, proposing where to start, and a neighbour graph walks from there:
+
+- build: each point's nearest neighbours in reference space (found exactly with BLAS, see
+  :func:`build_graph`), plus reverse edges so every point can be reached;
+- search: a best-first beam walk (as in HNSW's bottom layer) from the members of the leaves the
+  tree descent picks, keeping the ``ef`` nearest points seen.
+
+All distances are squared L2 in the metric's reference space; the caller re-ranks exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+I32 = npt.NDArray[np.int32]
+F32 = npt.NDArray[np.float32]
+
+
+def _merge_rows(ids: npt.NDArray[np.int64], dist: F32, self_ids: npt.NDArray[np.int64], m: int
+                ) -> tuple[npt.NDArray[np.int64], F32]:
+    """Per row: drop self and duplicate ids, keep the ``m`` nearest. ids/dist shape (rows, c)."""
+    if ids.shape[1] < m:  # fewer candidates than slots: pad so every row has m columns
+        pad = m - ids.shape[1]
+        ids = np.hstack([ids, np.full((ids.shape[0], pad), -1, dtype=ids.dtype)])
+        dist = np.hstack([dist, np.full((dist.shape[0], pad), np.inf, dtype=dist.dtype)])
+    dist = dist.copy()
+    dist[(ids == self_ids[:, None]) | (ids < 0)] = np.inf
+    order = np.argsort(ids, axis=1, kind="stable")
+    sid = np.take_along_axis(ids, order, axis=1)
+    sd = np.take_along_axis(dist, order, axis=1)
+    dup = np.zeros_like(sid, dtype=bool)
+    dup[:, 1:] = sid[:, 1:] == sid[:, :-1]
+    sd[dup] = np.inf
+    keep = np.argsort(sd, axis=1, kind="stable")[:, :m]
+    out_ids = np.take_along_axis(sid, keep, axis=1)
+    out_d = np.take_along_axis(sd, keep, axis=1)
+    out_ids[~np.isfinite(out_d)] = -1
+    return out_ids, out_d
+
+
+def build_graph(points: F32, *, degree: int = 16, block_bytes: int = 1 << 27) -> I32:
+    """kNN graph of one shard plus reverse edges; neighbours of shape (n, 2 * degree), -1 padded.
+
+    The ``degree`` nearest neighbours are found exactly, block by block with BLAS (``block_bytes``
+    bounds the distance block). Measured on synthetic ECG, this is both faster and far more accurate
+    than NN-descent seeded from the tree's leaves at the shard sizes we build (tens of thousands),
+    and the walk's recall depends mostly on the graph's accuracy. Reverse edges make points that are
+    nobody's near neighbour reachable.
+    """
+    n = points.shape[0]
+    m = min(degree, n - 1)
+    if m < 1:
+        return np.full((n, 1), -1, dtype=np.int32)
+    nbr = np.empty((n, m), dtype=np.int64)
+    nd = np.empty((n, m), dtype=np.float32)
+    sq = np.einsum("ij,ij->i", points, points)
+    rows = max(1, block_bytes // (4 * n))
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        d = sq[lo:hi, None] + sq[None, :] - 2.0 * (points[lo:hi] @ points.T)
+        d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
+        part = np.argpartition(d, m - 1, axis=1)[:, :m]
+        pd = np.maximum(np.take_along_axis(d, part, axis=1), 0.0)
+        order = np.argsort(pd, axis=1, kind="stable")
+        nbr[lo:hi] = np.take_along_axis(part, order, axis=1)
+        nd[lo:hi] = np.take_along_axis(pd, order, axis=1)
+    # reverse edges: v -> u for every u -> v, keeping the m nearest per node
+    src = np.repeat(np.arange(n, dtype=np.int64), m)
+    dst, dd = nbr.ravel(), nd.ravel()
+    ok = dst >= 0
+    src, dst, dd = src[ok], dst[ok], dd[ok]
+    order = np.lexsort((dd, dst))
+    src, dst, dd = src[order], dst[order], dd[order]
+    rank = np.arange(len(dst)) - np.searchsorted(dst, dst, side="left")
+    keep = rank < m
+    rev = np.full((n, m), -1, dtype=np.int64)
+    rd = np.full((n, m), np.inf, dtype=np.float32)
+    rev[dst[keep], rank[keep]] = src[keep]
+    rd[dst[keep], rank[keep]] = dd[keep]
+    out, _ = _merge_rows(np.hstack([nbr, rev]), np.hstack([nd, rd]), np.arange(n, dtype=np.int64), 2 * m)
+    return out.astype(np.int32)
+
+
+def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef: int, expand: int = 4
+                 ) -> tuple[npt.NDArray[np.int64], F32]:
+    """Best-first beam walk from ``seeds``: the ``ef`` nearest points found, with squared distances.
+
+    The pool holds the ``ef`` nearest points seen; each step expands the ``expand`` nearest of them
+    not yet expanded (several at once: fewer Python round trips for the same walk) and the walk ends
+    when every point in the pool has been expanded.
+    """
+    n = points.shape[0]
+    visited = np.zeros(n, dtype=bool)
+    pool = np.unique(np.asarray(seeds, dtype=np.int64))
+    visited[pool] = True
+    diff = points[pool] - query
+    pd = np.einsum("ij,ij->i", diff, diff)
+    done = np.zeros(pool.size, dtype=bool)
+    while True:
+        if pool.size > ef:
+            keep = np.argpartition(pd, ef - 1)[:ef]
+            pool, pd, done = pool[keep], pd[keep], done[keep]
+        open_ = np.flatnonzero(~done)
+        if open_.size == 0:
+            break
+        pick = open_[np.argsort(pd[open_])[:expand]]
+        done[pick] = True
+        nb = neighbors[pool[pick]].ravel()
+        nb = nb[nb >= 0]
+        nb = nb[~visited[nb]]
+        if nb.size == 0:
+            continue
+        nb = np.unique(nb)
+        visited[nb] = True
+        diff = points[nb] - query
+        pool = np.concatenate([pool, nb])
+        pd = np.concatenate([pd, np.einsum("ij,ij->i", diff, diff)])
+        done = np.concatenate([done, np.zeros(nb.size, dtype=bool)])
+    return pool, pd

@@ -1,0 +1,251 @@
+"""The thin Spark layer: wires DataFrames to the pure-numpy steps in ``builder``, ``synth`` and ``search``.
+
+Raw signals never reach the driver: generation runs in ``mapInArrow`` from row numbers, and the build
+sends each partition's rows to an executor that writes its shard's files to the (shared) index
+directory and returns only counts, checksums and its compact trees. The driver sees a sample for the
+references and the small per-shard results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from batch_index.builder import BuildConfig, build_shard, finish_index, fit_transform, prepare_output
+from batch_index.corpus import ID_COL, LABEL_COL, SIGNAL_COL, signals_from_arrow
+from batch_index.errors import InvalidInputError
+from batch_index.index_files import ShardInfo, shard_dir
+from batch_index.search import SearchIndex, SearchParams
+from batch_index.synth import SynthConfig, generate_record_batches
+from batch_index.transform import ReferenceTransform
+
+logger = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()),
+                           ("score", pa.float64())])
+
+
+def spark_session(master: str = "local[2]", app_name: str = "ecg-similarity", driver_memory: str = "4g"):
+    """A SparkSession with the settings these jobs rely on (Arrow, Python worker reuse)."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors need this venv's packages
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return (SparkSession.builder.master(master).appName(app_name)
+            .config("spark.driver.memory", driver_memory)
+            .config("spark.python.worker.reuse", "true")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.shuffle.partitions", "8")
+            .getOrCreate())
+
+
+class Progress:
+    """Logs stage progress (tasks done, ETA) every ``every`` seconds while a long job runs."""
+
+    def __init__(self, spark, label: str, every: float = 10.0) -> None:
+        self._sc, self._label, self._every = spark.sparkContext, label, every
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+        logger.info("%s: done in %.1f s", self._label, time.monotonic() - self._t0)
+
+    def _run(self) -> None:
+        tracker = self._sc.statusTracker()
+        while not self._stop.wait(self._every):
+            for sid in tracker.getActiveStageIds():
+                info = tracker.getStageInfo(sid)
+                if info is None or not info.numTasks:
+                    continue
+                done, total = info.numCompletedTasks, info.numTasks
+                elapsed = time.monotonic() - self._t0
+                eta = elapsed / done * (total - done) if done else float("nan")
+                logger.info("%s: stage %d %s: %d/%d tasks, %.0f s elapsed, ETA %.0f s",
+                            self._label, sid, info.name.split(" at ")[0], done, total, elapsed, eta)
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+def generate(spark, output: str | Path, n: int, cfg: SynthConfig, partitions: int | None = None) -> int:
+    """Write ``n`` synthetic windows as Parquet, generated on executors from row numbers."""
+    from batch_index.corpus import corpus_schema
+
+    if n < 1:
+        raise InvalidInputError(f"n must be >= 1, got {n}")
+    parts = partitions or max(1, min(n // 2000 + 1, 4 * spark.sparkContext.defaultParallelism))
+
+    def gen(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            rows = b.column(0).to_numpy()
+            if rows.size:
+                yield from generate_record_batches(int(rows.min()), int(rows.max()) + 1, cfg)
+
+    ddl = "id string, label string, signal array<float>"
+    assert corpus_schema(True).names == ["id", "label", "signal"]
+    df = spark.range(0, n, numPartitions=parts).mapInArrow(gen, ddl)
+    with Progress(spark, f"generate {n} signals"):
+        df.write.mode("overwrite").parquet(str(output))
+    return n
+
+
+# ---- build ------------------------------------------------------------------------------------------
+def _check_corpus(df, path: str) -> int:
+    """Distributed checks: columns, one signal length, no null/NaN/inf, unique ids. Returns the length."""
+    from pyspark.sql import functions as F
+
+    for col in (ID_COL, SIGNAL_COL):
+        if col not in df.columns:
+            raise InvalidInputError(f"{path!r} has no column {col!r}; found {df.columns} (expected id, signal)")
+    first = df.select(F.size(SIGNAL_COL).alias("n")).where(F.col("n") > 0).limit(1).collect()
+    if not first:
+        raise InvalidInputError(f"{path!r} holds no rows with a non-empty signal")
+    dim = int(first[0]["n"])
+    bad = F.exists(SIGNAL_COL, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) == float("inf")))
+    row = df.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.when(F.col(ID_COL).isNull(), 1).otherwise(0)).alias("null_ids"),
+        F.sum(F.when(F.col(SIGNAL_COL).isNull() | (F.size(SIGNAL_COL) != dim), 1).otherwise(0)).alias("bad_len"),
+        F.sum(F.when(bad, 1).otherwise(0)).alias("non_finite"),
+        F.countDistinct(ID_COL).alias("distinct_ids"),
+    ).collect()[0]
+    if row["null_ids"]:
+        raise InvalidInputError(f"{path!r}: {row['null_ids']} row(s) have a null id")
+    if row["bad_len"]:
+        example = df.where(F.col(SIGNAL_COL).isNull() | (F.size(SIGNAL_COL) != dim)).select(
+            ID_COL, F.size(SIGNAL_COL).alias("n")).first()
+        raise InvalidInputError(f"{path!r}: {row['bad_len']} signal(s) do not have {dim} samples "
+                                f"(e.g. id {example[ID_COL]!r} has {example['n']})")
+    if row["non_finite"]:
+        example = df.where(bad).select(ID_COL).first()
+        raise InvalidInputError(f"{path!r}: {row['non_finite']} signal(s) contain NaN or infinite values "
+                                f"(e.g. id {example[ID_COL]!r})")
+    if row["distinct_ids"] != row["rows"]:
+        dup = df.groupBy(ID_COL).count().where("count > 1").first()
+        raise InvalidInputError(f"{path!r}: ids must be unique; {row['rows'] - row['distinct_ids']} duplicate(s), "
+                                f"e.g. {dup[ID_COL]!r} appears {dup['count']} times")
+    logger.info("corpus %s: %d signals of %d samples, checks passed", path, row["rows"], dim)
+    return dim
+
+
+def _build_partition(out: str, transform: ReferenceTransform, cfg: BuildConfig, dim: int, has_label: bool):
+    """``mapInArrow`` adapter: one partition -> one shard on disk, one small summary row."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        part = TaskContext.get().partitionId()
+        ids: list[str] = []
+        labels: list[str] = []
+        blocks = []
+        for b in batches:
+            ids.extend(b.column(ID_COL).to_pylist())
+            if has_label:
+                labels.extend(b.column(LABEL_COL).to_pylist())
+            blocks.append(signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim))
+        if not ids:
+            return
+        info = build_shard(Path(out), part, ids, labels if has_label else None, np.concatenate(blocks),
+                           transform, cfg)
+        yield pa.RecordBatch.from_pylist([{"part": part, "info": json.dumps(asdict(info))}])
+
+    return run
+
+
+def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *, partitions: int | None = None,
+          sampling_rate: float | None = None, overwrite: bool = False) -> Path:
+    """Build an index directory from a Parquet corpus; returns the directory."""
+    t0 = time.monotonic()
+    logger.info("build: input %s, output %s, parameters %s", input_path, output, asdict(cfg))
+    try:
+        df = spark.read.parquet(str(input_path))
+    except Exception as e:  # AnalysisException: path missing or not Parquet
+        raise InvalidInputError(f"cannot read corpus {str(input_path)!r}: {str(e).splitlines()[0]}") from e
+    dim = _check_corpus(df, str(input_path))
+    out = prepare_output(output, overwrite=overwrite).resolve()
+    has_label = LABEL_COL in df.columns
+    df = df.select(ID_COL, *([LABEL_COL] if has_label else []), SIGNAL_COL)
+    if partitions:
+        df = df.repartition(partitions)
+    total = df.count()
+    frac = min(1.0, 1.2 * cfg.reference_sample / total)
+    sample_rows = df.sample(fraction=frac, seed=cfg.seed).limit(cfg.reference_sample).select(SIGNAL_COL)
+    sample = signals_from_arrow(sample_rows.toArrow().column(SIGNAL_COL), expected_len=dim)
+    transform = fit_transform(sample, cfg)
+    logger.info("build: references fitted in %.1f s", time.monotonic() - t0)
+    bc = spark.sparkContext.broadcast(transform)
+    runner = _build_partition(str(out), bc.value, cfg, dim, has_label)
+    with Progress(spark, "build shards"):
+        rows = df.mapInArrow(runner, "part int, info string").collect()
+    bc.unpersist()
+    infos = []
+    for new, row in enumerate(sorted(rows, key=lambda r: r["part"])):  # renumber shards 0..n-1
+        raw = json.loads(row["info"])
+        old_dir, new_dir = shard_dir(out, raw["shard"]), shard_dir(out, new)
+        if old_dir != new_dir:
+            old_dir.rename(new_dir)
+        files = {str((new_dir / Path(k).name).relative_to(out)): v for k, v in raw["files"].items()}
+        infos.append(ShardInfo(shard=new, count=raw["count"], max_norm=raw["max_norm"], files=files))
+    manifest = finish_index(out, transform, infos, cfg, dim=dim, sampling_rate=sampling_rate,
+                            extra={"source": str(input_path)})
+    logger.info("build: %d signals in %d shards, %.1f s total -> %s", total, len(infos),
+                time.monotonic() - t0, out)
+    return manifest.parent
+
+
+# ---- batch search -----------------------------------------------------------------------------------
+_INDEX_CACHE: dict[str, SearchIndex] = {}
+
+
+def cached_index(path: str, version: str) -> SearchIndex:
+    """One loaded index per process and version (executors reuse Python workers between tasks)."""
+    key = f"{path}@{version}"
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = SearchIndex.load(path, verify=False)
+    return _INDEX_CACHE[key]
+
+
+def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mode: str, k: int,
+           threshold: float | None, params: SearchParams, partitions: int | None = None) -> pa.Table:
+    """Search every row of a Parquet query file on executors; results come back as one small table."""
+    df = spark.read.parquet(str(queries_path))
+    _check_corpus(df, str(queries_path))
+    df = df.select(ID_COL, SIGNAL_COL)
+    if partitions:
+        df = df.repartition(partitions)
+    path, version, dim = str(index.path.resolve()), index.version, index.dim
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        idx = cached_index(path, version)
+        for b in batches:
+            q = signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim)
+            yield results_batch(b.column(ID_COL).to_pylist(), idx.search(q, metric, mode, k, threshold, params))
+
+    with Progress(spark, "search"):
+        return df.mapInArrow(run, "query_id string, rank int, id string, score double").toArrow().cast(RESULT_SCHEMA)
+
+
+def results_batch(query_ids: list[str], matches) -> pa.RecordBatch:
+    """The batch-search result layout: one row per match."""
+    rows = [{"query_id": qid, "rank": m.rank, "id": m.id, "score": m.score}
+            for qid, ms in zip(query_ids, matches) for m in ms]
+    return pa.RecordBatch.from_pylist(rows, schema=RESULT_SCHEMA)
