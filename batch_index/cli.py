@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from batch_index.builder import BuildConfig
 from batch_index.errors import EcgSearchError, InvalidInputError
 from batch_index.metrics import METRICS
-from batch_index.search import MODES, SearchParams
+from batch_index.search import DEFAULT_PARAMS, MODES, SearchParams
 
 logger = logging.getLogger("batch_index")
 
@@ -55,6 +55,10 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _per_metric(field: str) -> str:
+    return ", ".join(f"{m} {getattr(p, field)}" for m, p in DEFAULT_PARAMS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,14 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=_positive_int, default=10)
     s.add_argument("--output", required=True, help="results Parquet: query_id, rank, id, score")
     s.add_argument("--threshold", type=float, default=None, help="drop matches scoring below this")
-    s.add_argument("--n-probe", type=_positive_int, default=_SEARCH_DEFAULTS.n_probe,
-                   help="hkmeans: leaves visited per shard (default %(default)s)")
-    s.add_argument("--rerank", type=_positive_int, default=_SEARCH_DEFAULTS.rerank,
-                   help="candidates re-scored exactly (default %(default)s)")
-    s.add_argument("--ef", type=_positive_int, default=_SEARCH_DEFAULTS.ef,
-                   help="hkmeans: points the graph walk keeps per shard (default %(default)s)")
-    s.add_argument("--route", choices=("centroid", "representative"), default=_SEARCH_DEFAULTS.route,
-                   help="hkmeans: steer by node centroid or by its representative signal")
+    s.add_argument("--n-probe", type=_positive_int, default=None,
+                   help=f"hkmeans: tree leaves seeding the graph walk per shard (default {_SEARCH_DEFAULTS.n_probe})")
+    s.add_argument("--ef", type=_positive_int, default=None,
+                   help="hkmeans: points the graph walk keeps per shard (default: per metric, "
+                        + _per_metric("ef") + ")")
+    s.add_argument("--rerank", type=_positive_int, default=None,
+                   help="candidates re-scored exactly on raw signals (default: per metric, " + _per_metric("rerank") + ")")
+    s.add_argument("--route", choices=("centroid", "representative"), default=None,
+                   help=f"hkmeans: steer the tree by node centroid or representative signal "
+                        f"(default {_SEARCH_DEFAULTS.route})")
     s.add_argument("--recall", action="store_true",
                    help="also run exact search on the same queries and report recall@k (slower)")
     s.add_argument("--engine", choices=("auto", "local", "spark"), default="auto",
@@ -213,7 +219,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from batch_index.corpus import read_corpus
     from batch_index.search import SearchIndex
 
-    params = SearchParams(n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, route=args.route)
+    params = SearchParams.for_metric(args.metric, n_probe=args.n_probe, ef=args.ef, rerank=args.rerank,
+                                     route=args.route)
     index = SearchIndex.load(args.index)
     index.check_metric(args.metric)
     n_queries = pq.ParquetFile(args.queries).metadata.num_rows if Path(args.queries).is_file() else None

@@ -146,6 +146,9 @@ def _check_corpus(df, path: str) -> int:
     return dim
 
 
+_SHARD_ROW = pa.schema([("part", pa.int32()), ("info", pa.string())])
+
+
 def _build_partition(out: str, transform: ReferenceTransform, cfg: BuildConfig, dim: int, has_label: bool):
     """``mapInArrow`` adapter: one partition -> one shard on disk, one small summary row."""
 
@@ -165,7 +168,7 @@ def _build_partition(out: str, transform: ReferenceTransform, cfg: BuildConfig, 
             return
         info = build_shard(Path(out), part, ids, labels if has_label else None, np.concatenate(blocks),
                            transform, cfg)
-        yield pa.RecordBatch.from_pylist([{"part": part, "info": json.dumps(asdict(info))}])
+        yield pa.RecordBatch.from_pylist([{"part": part, "info": json.dumps(asdict(info))}], schema=_SHARD_ROW)
 
     return run
 

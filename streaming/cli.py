@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--starting-offsets", "ECG_STARTING_OFFSETS", "earliest", "where a fresh checkpoint starts",
          choices=("earliest", "latest"))
     _add(s, "--max-queries-per-batch", "ECG_MAX_QUERIES_PER_BATCH", 2000, "rate control", type=int)
+    _add(s, "--max-batch-bytes", "ECG_MAX_BATCH_BYTES", 64 << 20, "memory bound per micro-batch (ckafka)",
+         type=int)
     _add(s, "--trigger-ms", "ECG_TRIGGER_MS", 0, "micro-batch interval; 0 = back to back (lowest latency)",
          type=int)
     _add(s, "--max-k", "ECG_MAX_K", 1000, "largest k a query may ask for", type=int)
@@ -127,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot-index", type=Path, default=None, help="index to take the matches' signals from")
     _query_flags(s, required=False)
 
+    s = sub.add_parser("demo", help="everything on this machine: broker, synthetic corpus, index, job, queries")
+    s.add_argument("--size", type=int, default=2000, help="synthetic signals to index; default: %(default)s")
+    s.add_argument("--workdir", type=Path, default=None, help="where the index and checkpoint go (default: temp)")
+    s.add_argument("--k", type=int, default=3, help="matches per query; default: %(default)s")
+
     s = sub.add_parser("tail", help="print replies as they arrive")
     _common(s)
     s.add_argument("--from-beginning", action="store_true")
@@ -143,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap, index=args.index, queries_topic=args.queries_topic,
         replies_topic=args.replies_topic, dead_letter_topic=args.dead_letter_topic, checkpoint=args.checkpoint,
         source=args.source, starting_offsets=args.starting_offsets, max_queries_per_batch=args.max_queries_per_batch,
+        max_batch_bytes=args.max_batch_bytes,
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
         n_probe=args.n_probe, rerank=args.rerank, master=args.master, create_topics=not args.no_create_topics,
         metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
@@ -308,6 +316,53 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
     plt.close(fig)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from batch_index.builder import build_index
+    from batch_index.synth import SynthConfig, generate
+    from streaming.broker import EmbeddedBroker, create_topics
+    from streaming.client import StreamClient
+    from streaming.job import ServeConfig, spark_session, start_query, stop_gracefully
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ecg-demo-"))
+    print(f"workdir {work}")
+    ids, _, signals = generate(0, args.size, SynthConfig(seed=0))
+    build_index(list(ids), signals, work / "index" / "v1", sampling_rate=250.0, overwrite=True)
+    (work / "index" / "CURRENT").write_text("v1\n")
+    print(f"indexed {args.size} synthetic ECG windows of {signals.shape[1]} samples")
+    with EmbeddedBroker() as broker:
+        cfg = ServeConfig(bootstrap=broker.bootstrap, index=str(work / "index"), checkpoint=str(work / "checkpoint"))
+        create_topics(cfg.bootstrap, [cfg.queries_topic, cfg.replies_topic, cfg.dead_letter_topic])
+        print(f"broker {broker.bootstrap}; starting Spark (about 10-30 s to the first reply)...")
+        spark = spark_session(master=cfg.master)
+        query = start_query(spark, cfg)
+        try:
+            rng = np.random.default_rng(1)
+            with StreamClient(cfg.bootstrap, cfg.queries_topic, cfg.replies_topic) as client:
+                sent = {}
+                for mode in MODES:
+                    for metric in METRICS:
+                        row = int(rng.integers(args.size))
+                        noisy = signals[row] + rng.normal(0, 0.05, signals.shape[1]).astype(np.float32)
+                        sent[client.send(noisy, metric, k=args.k, mode=mode)] = (mode, metric, ids[row])
+                replies = client.collect(sent, 120)
+        finally:
+            stop_gracefully(query)
+            spark.stop()
+    print(f"{'mode':<10}{'metric':<11}{'query of':<16}{'ms':>6}  top {args.k}")
+    for cid, (mode, metric, source) in sent.items():
+        reply = replies.get(cid)
+        if reply is None:
+            print(f"{mode:<10}{metric:<11}{source:<16}  no reply")
+            continue
+        res = reply.result
+        top = ", ".join(f"{m[0]} {m[1]:.3f}" for m in res.matches) if res.ok else f"{res.error_code}"
+        print(f"{mode:<10}{metric:<11}{source:<16}{reply.latency_ms:>6.0f}  {top}")
+    print(f"{len(replies)}/{len(sent)} answered; stopped cleanly")
+    return 0 if len(replies) == len(sent) else 1
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from streaming.client import tail
 
@@ -324,13 +379,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "send": cmd_send, "send-one": cmd_send_one, "tail": cmd_tail}
+COMMANDS = {"serve": cmd_serve, "send": cmd_send, "send-one": cmd_send_one, "tail": cmd_tail, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.bootstrap:
+    if args.command != "demo" and not args.bootstrap:
         parser.error(f"--bootstrap is required (or set {ENV_BOOTSTRAP})")
     if args.command == "serve" and not args.index:
         parser.error(f"--index is required (or set {ENV_INDEX})")

@@ -69,6 +69,7 @@ class ServeConfig:
     source: str = "ckafka"                 # ckafka (Python, confluent-kafka) | kafka (Spark's JVM connector)
     starting_offsets: str = "earliest"     # for a fresh checkpoint; a restart resumes from the checkpoint
     max_queries_per_batch: int = 2000      # rate control: records per micro-batch
+    max_batch_bytes: int = 64 << 20        # ckafka: memory bound per micro-batch (values + keys)
     trigger_ms: int = 0                    # 0 = start the next micro-batch as soon as one ends
     idle_wait_ms: int = 200                # ckafka: long-poll this long when no query is waiting
     max_k: int = 1000
@@ -95,7 +96,7 @@ class ServeConfig:
         for name in ("queries_topic", "replies_topic", "dead_letter_topic"):
             if not TOPIC_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(f"{name.replace('_', ' ')} {getattr(self, name)!r} is not a valid topic name")
-        for name in ("max_queries_per_batch", "max_k", "max_message_bytes", "n_probe", "rerank",
+        for name in ("max_queries_per_batch", "max_batch_bytes", "max_k", "max_message_bytes", "n_probe", "rerank",
                      "query_partitions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -175,7 +176,8 @@ class BatchHandler:
                                   params=self.params, received_at=received_at)
         t1 = time.perf_counter()
         report = deliver(producer_for(self.cfg.bootstrap, self.cfg.client_config), out)
-        metrics = {"batch_id": batch_id, **stats.as_dict(), "fetch_ms": round(fetch_ms, 2), "replies": sum(m.kind == "reply" for m in out),
+        metrics = {"batch_id": batch_id, **stats.as_dict(), "fetch_ms": round(fetch_ms, 2),
+                   "replies": sum(m.kind == "reply" for m in out),
                    "undeliverable": report.undeliverable, "deliver_ms": round((time.perf_counter() - t1) * 1000, 2),
                    "batch_ms": round((time.perf_counter() - t0) * 1000, 2),
                    "index_reloads": self.holder.reloads, "index_refused": self.holder.refused}
@@ -204,7 +206,7 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
               .option("startingOffsets", cfg.starting_offsets)
               .option("maxOffsetsPerTrigger", cfg.max_queries_per_batch))
     if cfg.source == "ckafka":
-        reader = reader.option("idleWaitMs", cfg.idle_wait_ms)
+        reader = reader.option("idleWaitMs", cfg.idle_wait_ms).option("maxBytesPerTrigger", cfg.max_batch_bytes)
     else:
         reader = reader.option("failOnDataLoss", "false")
     for k, v in cfg.kafka_options:

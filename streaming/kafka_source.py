@@ -50,6 +50,7 @@ class SourceOptions:
     topics: tuple[str, ...]
     starting: str = "earliest"             # startingOffsets: earliest | latest
     max_per_trigger: int = 10_000          # maxOffsetsPerTrigger: rate limit, records per micro-batch
+    max_bytes_per_trigger: int = 64 << 20  # maxBytesPerTrigger: memory bound (the batch ends past it)
     idle_wait_ms: int = 200                # idleWaitMs: long-poll when nothing is waiting
     read_timeout_ms: int = 10_000          # readTimeoutMs: give up reading to end-of-partition after this
     client: Mapping[str, str] = field(default_factory=dict)  # other kafka.* options, prefix removed
@@ -67,10 +68,12 @@ class SourceOptions:
         client = {k.removeprefix("kafka."): v for k, v in opts.items()
                   if k.startswith("kafka.") and k != "kafka.bootstrap.servers"}
         ints = {name: int(opts[key]) for key, name in (("maxoffsetspertrigger", "max_per_trigger"),
+                                                       ("maxbytespertrigger", "max_bytes_per_trigger"),
                                                        ("idlewaitms", "idle_wait_ms"),
                                                        ("readtimeoutms", "read_timeout_ms")) if key in opts}
-        if ints.get("max_per_trigger", 1) < 1:
-            raise ValueError(f"maxOffsetsPerTrigger must be >= 1, got {ints['max_per_trigger']}")
+        for name, value in ints.items():
+            if value < (0 if name == "idle_wait_ms" else 1):
+                raise ValueError(f"source option {name} must be positive, got {value}")
         return cls(bootstrap, topics, starting, client=client, **ints)
 
 
@@ -120,7 +123,7 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         positions = _positions(start)
         tps = [TopicPartition(t, p, positions.get((t, p), OFFSET_BEGINNING)) for t, p in self._partitions()]
         rows, ends = self._consume(tps, limit=self.opts.max_per_trigger, stop_at=None,
-                                   idle_wait=self.opts.idle_wait_ms / 1000)
+                                   idle_wait=self.opts.idle_wait_ms / 1000, max_bytes=self.opts.max_bytes_per_trigger)
         for (t, p), off in ends.items():
             if (t, p) in positions and off < positions[(t, p)]:
                 logger.warning("%s[%d]: offsets moved backwards from %d to %d (topic recreated?); reading "
@@ -163,8 +166,10 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         return out
 
     def _consume(self, tps: list[TopicPartition], *, limit: int | None, stop_at: dict[tuple[str, int], int] | None,
-                 idle_wait: float, keep: bool = True) -> tuple[list[Row], dict[tuple[str, int], int]]:
-        """Read ``tps`` from their offsets to end-of-partition (or to ``stop_at``), at most ``limit`` rows.
+                 idle_wait: float, keep: bool = True, max_bytes: int | None = None
+                 ) -> tuple[list[Row], dict[tuple[str, int], int]]:
+        """Read ``tps`` from their offsets to end-of-partition (or to ``stop_at``), at most ``limit`` rows
+        (and ``max_bytes`` of values, past which the batch ends early).
 
         Returns the rows (none unless ``keep``) and, per partition, the offset after its last row (or,
         when not keeping rows, the end-of-partition offset).
@@ -179,8 +184,9 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         wanted = {(tp.topic, tp.partition) for tp in tps}
         done: set[tuple[str, int]] = set()  # at end-of-partition (or past stop_at) since its last row
         reported: set[int] = set()  # error codes already logged in this call
+        size = 0
         t0 = time.monotonic()
-        while limit is None or len(rows) < limit:
+        while (limit is None or len(rows) < limit) and (max_bytes is None or size < max_bytes):
             elapsed = time.monotonic() - t0
             if done >= wanted and (rows or stop_at is not None or elapsed >= idle_wait):
                 break
@@ -215,9 +221,12 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                 done.discard(tp)
                 ends[tp] = off + 1
                 if keep:
+                    size += len(m.value() or b"") + len(m.key() or b"")
                     ts_type, ts = m.timestamp()
                     rows.append((m.key(), m.value(), m.topic(), m.partition(), off,
                                  datetime.fromtimestamp(ts / 1000, timezone.utc) if ts_type else None, ts_type))
+                    if max_bytes is not None and size >= max_bytes:
+                        break  # the rest of this fetch is read again by the next micro-batch
                 if stop_at is not None and off + 1 >= stop_at.get(tp, 0):
                     done.add(tp)
         return rows, ends

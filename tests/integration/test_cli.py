@@ -134,3 +134,11 @@ def test_send_reports_missing_replies(kafka_bootstrap: str, make_topic: Callable
                "--replies-topic", make_topic("r")])  # nobody serves these topics
     assert rc == 1 and "2 of 2 queries got no reply" in capsys.readouterr().err
     assert [r["error"].split(":")[0] for r in pq.read_table(out).to_pylist()] == ["NO_REPLY", "NO_REPLY"]
+
+
+def test_demo_runs_everything_embedded(tmp_path: Path) -> None:
+    demo = subprocess.run([sys.executable, "-m", "streaming", "demo", "--size", "300", "--workdir", str(tmp_path)],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout + demo.stderr[-3000:]
+    assert "12/12 answered; stopped cleanly" in demo.stdout
+    assert (tmp_path / "index" / "CURRENT").read_text().strip() == "v1"

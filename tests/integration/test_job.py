@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from batch_index.metrics import scores, top_k
 from batch_index.search import SearchIndex
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, encode_query
-from streaming.job import BatchHandler, ServeConfig, start_query, stop_gracefully
+from streaming.job import BatchHandler, ConfigError, ServeConfig, start_query, stop_gracefully
 
 REPLY_TIMEOUT = 90.0  # generous: the first micro-batch of a session includes Python worker start-up
 
@@ -164,9 +165,5 @@ def test_restart_mid_stream_answers_every_accepted_query(
 
 
 def test_jvm_kafka_source_without_its_connector_is_a_clear_config_error(spark: object, cfg: ServeConfig) -> None:
-    from dataclasses import replace
-
-    from streaming.job import ConfigError
-
-    with pytest.raises(ConfigError, match="spark.jars.packages=org.apache.spark:spark-sql-kafka-0-10"):
+    with pytest.raises(ConfigError, match=r"spark\.jars\.packages=org\.apache\.spark:spark-sql-kafka-0-10"):
         start_query(spark, replace(cfg, source="kafka"))  # type: ignore[arg-type]

@@ -63,6 +63,10 @@ def test_rate_limit_and_latest(kafka_bootstrap: str, make_topic: Callable[..., s
     latest = _reader(kafka_bootstrap, topic, startingOffsets="latest")
     assert latest.initialOffset() == {topic: {"0": 25}}
 
+    by_bytes = _reader(kafka_bootstrap, topic, maxBytesPerTrigger=20)  # each record: 2-3 key + 2-3 value bytes
+    rows, offsets = by_bytes.read(by_bytes.initialOffset())
+    assert len(list(rows)) == 5 and offsets == {topic: {"0": 5}}
+
 
 def test_reader_pickles_without_its_consumer(kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
     topic = make_topic("src")

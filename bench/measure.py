@@ -1,0 +1,144 @@
+"""Thread caps, timing, recall and the machine description every report carries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from batch_index.metrics import scores
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+SearchFn = Callable[[F32], npt.NDArray[np.integer]]
+STYLES = ("single", "batch")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+@contextmanager
+def capped_threads(n: int) -> Iterator[None]:
+    """Cap every BLAS/OpenMP pool (threadpoolctl) and FAISS's OpenMP pool at ``n`` threads."""
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads() if faiss else None
+    with threadpool_limits(limits=n):
+        if faiss:
+            faiss.omp_set_num_threads(n)
+        try:
+            yield
+        finally:
+            if faiss:
+                faiss.omp_set_num_threads(before)
+
+
+def time_pass(search: SearchFn, q: F32, style: str) -> float:
+    """Seconds to answer every row of ``q``: one call (``batch``) or one call per query (``single``)."""
+    t0 = time.perf_counter()
+    if style == "batch":
+        search(q)
+    else:
+        for i in range(len(q)):
+            search(q[i:i + 1])
+    return time.perf_counter() - t0
+
+
+def found_scores(q: F32, x: F32, found: npt.NDArray[np.integer], metric: str) -> npt.NDArray[np.float64]:
+    """Exact scores of the rows each query got back (shape (nq, k)); -inf for missing (-1) or repeated rows."""
+    out = np.full(found.shape, -np.inf)
+    for i, row in enumerate(found):
+        rows, first = np.unique(row, return_index=True)
+        ok = rows >= 0
+        out[i, first[ok]] = scores(q[i], x[rows[ok]], metric)
+    return out
+
+
+def recall_at_k(got: npt.NDArray[np.float64], truth: npt.NDArray[np.float64], rel_tol: float = 1e-6
+                ) -> npt.NDArray[np.float64]:
+    """Per-query recall@k as ann-benchmarks counts it: answers scoring at least the k-th true score.
+
+    ``got`` and ``truth`` are exact scores (higher = better) of shape (nq, k); counting by score rather
+    than by id treats ties (equal windows, float32 vs float64 rounding) fairly for every system.
+    """
+    k = truth.shape[1]
+    kth = truth[:, -1:]
+    hit = got >= kth - rel_tol * np.maximum(1.0, np.abs(kth))
+    return np.minimum(hit.sum(axis=1), k) / k
+
+
+def disk_mb(path: Path) -> float:
+    """Bytes under ``path`` (file or directory) in MB (10^6)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def _git() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare runs: CPU, memory, load, versions, BLAS."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        mem_gb = None
+    versions = {}
+    for pkg in ("numpy", "scikit-learn", "scipy", "faiss-cpu", "pyspark", "threadpoolctl", "psutil"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    blas = sorted({f"{p['internal_api']} {p.get('version') or ''} ({p['prefix']})".replace("  ", " ")
+                   for p in threadpool_info()})
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "memory_gb": mem_gb,
+        "load_average_at_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "python": platform.python_version(),
+        "versions": versions,
+        "blas_openmp": blas,
+        "commit": _git(),
+    }
+
+
+def median_qps(n_queries: int, seconds: list[float]) -> float:
+    return n_queries / float(np.median(seconds)) if seconds else float("nan")

@@ -1,0 +1,119 @@
+"""The Spark jobs in local mode: generation, distributed build, batch search, corpus checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from batch_index import spark_job
+from batch_index.builder import BuildConfig
+from batch_index.corpus import read_corpus, write_corpus
+from batch_index.errors import InvalidInputError
+from batch_index.metrics import METRICS, scores
+from batch_index.search import SearchIndex, SearchParams
+from batch_index.synth import SynthConfig, generate
+
+SYN = SynthConfig(sampling_rate=50.0, seed=3)
+CFG = BuildConfig(n_references=256, reference_sample=512, basis_rank=128, leaf_size=24, branching=8,
+                  graph_degree=12)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(spark, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    spark_job.generate(spark, out, 1200, SYN, partitions=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def index(spark, corpus_dir, tmp_path_factory) -> SearchIndex:
+    out = tmp_path_factory.mktemp("index") / "v1"
+    spark_job.build(spark, corpus_dir, out, CFG, partitions=2, sampling_rate=SYN.sampling_rate)
+    return SearchIndex.load(out)
+
+
+def test_generated_rows_equal_the_generator(spark, corpus_dir: Path) -> None:
+    table = pq.read_table(corpus_dir).sort_by("id")
+    assert table.num_rows == 1200
+    ids, labels, x = generate(0, 1200, SYN)
+    assert table.column("id").to_pylist() == ids and table.column("label").to_pylist() == labels
+    got = np.asarray(table.column("signal").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(got, x)
+
+
+def test_build_writes_one_shard_per_partition(index: SearchIndex) -> None:
+    m = index.manifest
+    assert m["count"] == 1200 and m["dim"] == 500 and m["sampling_rate"] == 50.0
+    assert [s["shard"] for s in m["shards"]] == [0, 1]
+    assert sum(s["count"] for s in m["shards"]) == 1200
+    assert sorted(index.ids.tolist()) == generate(0, 1200, SYN)[0]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_spark_built_index_searches_correctly(index: SearchIndex, metric: str) -> None:
+    _, _, q = generate(50_000, 30, SYN)
+    ids, _, x = generate(0, 1200, SYN)
+    exact = index.search(q[:3], metric, "exact", 5)
+    for row, matches in zip(q[:3], exact):
+        truth = scores(row, x, metric)
+        assert [m.id for m in matches] == [ids[i] for i in np.argsort(-truth, kind="stable")[:5]]
+    truth_i, _ = index.search_arrays(q, metric, "exact", 10, SearchParams())
+    got_i, _ = index.search_arrays(q, metric, "hkmeans", 10, SearchParams.for_metric(metric))
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_i, truth_i)])
+    assert recall >= 0.9, f"hkmeans recall@10 {recall:.3f} for {metric}"
+
+
+def test_batch_search_on_spark_equals_local(spark, index: SearchIndex, tmp_path: Path) -> None:
+    qids, _, q = generate(70_000, 25, SYN)
+    write_corpus(tmp_path / "q.parquet", qids, q)
+    params = SearchParams.for_metric("cosine")
+    table = spark_job.search(spark, index, tmp_path / "q.parquet", "cosine", "hkmeans", 5, None, params,
+                             partitions=2)
+    local = index.search(q, "cosine", "hkmeans", 5, None, params)
+    expected = {(qid, m.rank, m.id) for qid, ms in zip(qids, local) for m in ms}
+    got = set(zip(table.column("query_id").to_pylist(), table.column("rank").to_pylist(),
+                  table.column("id").to_pylist()))
+    assert got == expected and table.num_rows == 125
+
+
+def _write(path: Path, ids: list[str], signals: list[list[float]]) -> Path:
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": ids, "signal": pa.array(signals, type=pa.list_(pa.float32()))}), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("ids", "signals", "message"),
+    [
+        (["a", "b", "a"], [[1.0, 2.0]] * 3, "ids must be unique; 1 duplicate\\(s\\), e.g. 'a' appears 2 times"),
+        (["a", "b", "c"], [[1.0, 2.0], [1.0], [3.0, 4.0]], "1 signal\\(s\\) do not have 2 samples \\(e.g. id 'b' has 1\\)"),
+        (["a", "b"], [[1.0, float("nan")], [1.0, 2.0]], "contain NaN or infinite values \\(e.g. id 'a'\\)"),
+        (["a", "b"], [[1.0, 2.0], [float("inf"), 2.0]], "contain NaN or infinite values \\(e.g. id 'b'\\)"),
+    ],
+)
+def test_build_rejects_bad_corpora(spark, tmp_path: Path, ids, signals, message) -> None:
+    path = _write(tmp_path / "bad.parquet", ids, signals)
+    with pytest.raises(InvalidInputError, match=message):
+        spark_job.build(spark, path, tmp_path / "out", CFG)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_build_rejects_missing_input_and_columns(spark, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="cannot read corpus"):
+        spark_job.build(spark, tmp_path / "nope.parquet", tmp_path / "out", CFG)
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"key": ["a"], "signal": [[1.0]]}), tmp_path / "nocol.parquet")
+    with pytest.raises(InvalidInputError, match="has no column 'id'"):
+        spark_job.build(spark, tmp_path / "nocol.parquet", tmp_path / "out", CFG)
+
+
+def test_read_corpus_round_trip(tmp_path: Path) -> None:
+    ids, _, x = generate(0, 5, SYN)
+    got_ids, got, _ = read_corpus(write_corpus(tmp_path / "c.parquet", ids, x))
+    assert got_ids == ids
+    np.testing.assert_array_equal(got, x)
