@@ -117,3 +117,20 @@ def test_read_corpus_round_trip(tmp_path: Path) -> None:
     got_ids, got, _ = read_corpus(write_corpus(tmp_path / "c.parquet", ids, x))
     assert got_ids == ids
     np.testing.assert_array_equal(got, x)
+
+
+def test_cli_build_and_search_on_spark(spark, corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    from batch_index.cli import main
+
+    out = tmp_path / "idx"
+    assert main(["build", "--input", str(corpus_dir), "--output", str(out), "--metrics", "euclidean",
+                 "--n-references", "128", "--basis-rank", "64", "--partitions", "3"]) == 0
+    assert "1200 signals x 500 samples, 3 shard(s), metrics euclidean" in capsys.readouterr().out
+    qids, _, q = generate(90_000, 8, SYN)
+    write_corpus(tmp_path / "q.parquet", qids, q)
+    assert main(["search", "--index", str(out), "--queries", str(tmp_path / "q.parquet"), "--metric", "euclidean",
+                 "--mode", "exact", "--k", "4", "--engine", "spark", "--output", str(tmp_path / "r.parquet")]) == 0
+    table = pq.read_table(tmp_path / "r.parquet")
+    assert table.num_rows == 32 and set(table.column("query_id").to_pylist()) == set(qids)
+    assert main(["build", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert "error: cannot read corpus" in capsys.readouterr().err

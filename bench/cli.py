@@ -1,0 +1,176 @@
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4).
+
+Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
+``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from batch_index.errors import EcgSearchError
+from batch_index.metrics import parse_metrics
+from bench.measure import REPO
+
+logger = logging.getLogger("bench")
+
+ENV_WORKDIR = "ECG_BENCH_WORKDIR"
+ENV_WFDB_DIR = "ECG_WFDB_DIR"
+RESULTS = REPO / "bench" / "results"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        v = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return v
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """Corpus sizes such as ``1e4,1e5`` or ``10000,100000``."""
+    try:
+        return _ints(",".join(str(int(float(t))) for t in text.split(",") if t.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1e4,1e5; got {text!r}") from None
+
+
+def _cells(text: str) -> tuple[tuple[int, str], ...]:
+    out = []
+    for part in text.split(","):
+        threads, _, style = part.partition(":")
+        if not threads.isdigit() or int(threads) < 1 or style not in ("single", "batch"):
+            raise argparse.ArgumentTypeError(f"cells look like 1:single,2:batch; got {part!r}")
+        out.append((int(threads), style))
+    return tuple(out)
+
+
+def _common(p: argparse.ArgumentParser, study: str) -> None:
+    p.add_argument("--out", type=Path, default=RESULTS / study, help="results folder (default %(default)s)")
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get(ENV_WORKDIR, "/tmp/ecg-bench")),
+                   help=f"scratch folder for corpora and indexes (env {ENV_WORKDIR}; default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.recall import RecallConfig
+    from bench.systems import Sweep
+
+    rc, sw = RecallConfig(), Sweep()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="study", required=True)
+
+    r = sub.add_parser("recall", help="study 1: recall@k vs queries/s against numpy and FAISS")
+    _common(r, "recall")
+    r.add_argument("--n", type=int, default=rc.n, help="synthetic corpus size (default %(default)s)")
+    r.add_argument("--queries", type=int, default=rc.n_queries, help="queries per query set (default %(default)s)")
+    r.add_argument("--datasets", default=",".join(rc.datasets), help="synthetic,real (default %(default)s)")
+    r.add_argument("--metrics", default=",".join(rc.metrics))
+    r.add_argument("--ef", type=_ints, default=sw.ef, help="hkmeans ef sweep (rerank = ef)")
+    r.add_argument("--n-probe", type=_ints, default=sw.n_probe, help="hkmeans n_probe sweep")
+    r.add_argument("--rerank", type=_ints, default=sw.rerank, help="transform rerank sweep")
+    r.add_argument("--ivf-nprobe", type=_ints, default=sw.ivf_nprobe)
+    r.add_argument("--ivf-nlist", type=int, default=sw.ivf_nlist, help="0: round(sqrt(n))")
+    r.add_argument("--hnsw-ef", type=_ints, default=sw.hnsw_ef, help="FAISS HNSW efSearch sweep")
+    r.add_argument("--hnsw-m", type=int, default=sw.hnsw_m)
+    r.add_argument("--hnsw-ef-construction", type=int, default=sw.hnsw_ef_construction)
+    r.add_argument("--no-faiss", action="store_true", help="skip FAISS (e.g. when faiss-cpu is not installed)")
+    r.add_argument("--cells", type=_cells, default=rc.cells,
+                   help="timed (threads:style) cells; the first is the primary (default 1:single,1:batch,2:batch)")
+    r.add_argument("--repeats", type=int, default=rc.repeats, help="timed rounds; medians reported")
+    r.add_argument("--min-time", type=float, default=rc.min_time, help="seconds per timed pass (default %(default)s)")
+    r.add_argument("--target", type=float, default=rc.target, help="recall target (default %(default)s)")
+    r.add_argument("--margin", type=float, default=rc.margin,
+                   help="recommended defaults reach target + margin (default %(default)s)")
+    r.add_argument("--stride", type=float, default=rc.stride_s, help="real-record window stride in s")
+    r.add_argument("--wfdb-dir", type=Path, default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+
+    s = sub.add_parser("scaling", help="study 2: build time, peak memory, query time at fixed recall vs N")
+    _common(s, "scaling")
+    s.add_argument("--sizes", type=_sizes, default=(10_000, 100_000), help="corpus sizes (default 1e4,1e5)")
+    s.add_argument("--queries", type=int, default=100)
+    s.add_argument("--metrics", default="cosine,euclidean,manhattan,dot")
+    s.add_argument("--ef", type=_ints, default=(16, 32, 64, 128, 256, 512, 1024), help="ef ladder, ascending")
+    s.add_argument("--target", type=float, default=0.95)
+    s.add_argument("--repeats", type=int, default=3)
+
+    d = sub.add_parser("distributed", help="study 4: Spark build with local[1] vs local[2]")
+    _common(d, "distributed")
+    d.add_argument("--n", type=int, default=20_000, help="corpus size (default %(default)s)")
+    d.add_argument("--masters", default="local[1],local[2]")
+    d.add_argument("--partitions", type=int, default=4, help="shards, the same for every master")
+    d.add_argument("--repeats", type=int, default=2)
+
+    e = sub.add_parser("e2e", help="study 3: end to end through Kafka and Spark (pending)")
+    _common(e, "e2e")
+    return parser
+
+
+def _command(argv: Sequence[str]) -> str:
+    return "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    try:
+        if args.study == "recall":
+            return _recall(args, parser, argv)
+        if args.study == "scaling":
+            from bench import scaling
+
+            scaling.run(scaling.ScalingConfig(
+                sizes=args.sizes, n_queries=args.queries, metrics=parse_metrics(args.metrics), efs=args.ef,
+                target=args.target, repeats=args.repeats, seed=args.seed, workdir=args.workdir, out=args.out),
+                _command(argv))
+            return 0
+        if args.study == "distributed":
+            from bench import distributed
+
+            distributed.run(distributed.DistributedConfig(
+                n=args.n, masters=tuple(args.masters.split(",")), partitions=args.partitions, repeats=args.repeats,
+                seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            return 0
+        from bench import e2e
+
+        return e2e.run(args.out)
+    except EcgSearchError as e:
+        logger.error("%s", e)
+        return 1
+
+
+def _recall(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    from bench.recall import RecallConfig, run
+    from bench.systems import Sweep
+
+    kinds = tuple(t for t in args.datasets.split(",") if t)
+    if not kinds or set(kinds) - {"synthetic", "real"}:
+        parser.error(f"--datasets takes synthetic and/or real, got {args.datasets!r}")
+    if "real" in kinds and not (args.wfdb_dir / "100.hea").is_file():
+        parser.error(f"real records not found in {args.wfdb_dir} (set --wfdb-dir or {ENV_WFDB_DIR})")
+    if args.n < 100 or args.queries < 1 or args.repeats < 1:
+        parser.error("need --n >= 100, --queries >= 1, --repeats >= 1")
+    sweep = Sweep(ef=args.ef, n_probe=args.n_probe, rerank=args.rerank, ivf_nprobe=args.ivf_nprobe,
+                  ivf_nlist=args.ivf_nlist, hnsw_ef=args.hnsw_ef, hnsw_m=args.hnsw_m,
+                  hnsw_ef_construction=args.hnsw_ef_construction)
+    cfg = RecallConfig(n=args.n, n_queries=args.queries, datasets=kinds, metrics=parse_metrics(args.metrics),
+                       sweep=sweep, cells=args.cells, repeats=args.repeats, min_time=args.min_time,
+                       target=args.target, margin=args.margin, faiss=not args.no_faiss, seed=args.seed,
+                       stride_s=args.stride, wfdb_dir=args.wfdb_dir, workdir=args.workdir, out=args.out)
+    path = run(cfg, _command(argv))
+    print(f"study 1 report: {path}")
+    return 0
