@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -184,5 +185,5 @@ def build_index(ids: list[str], signals: npt.ArrayLike, out_dir: str | Path, cfg
     transform = fit_transform(x[sample_rows], cfg)
     bounds = np.linspace(0, x.shape[0], max(1, n_shards) + 1).astype(int)
     infos = [build_shard(out, i, list(ids[a:b]), None if labels is None else list(labels[a:b]), x[a:b],
-                         transform, cfg) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+                         transform, cfg) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     return finish_index(out, transform, infos, cfg, dim=x.shape[1], sampling_rate=sampling_rate).parent

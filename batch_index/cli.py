@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hkmeans: points the graph walk keeps per shard (default: per metric, "
                         + _per_metric("ef") + ")")
     s.add_argument("--rerank", type=_positive_int, default=None,
-                   help="candidates re-scored exactly on raw signals (default: per metric, " + _per_metric("rerank") + ")")
+                   help="candidates re-scored exactly on raw signals (default: per metric, "
+                        + _per_metric("rerank") + ")")
     s.add_argument("--route", choices=("centroid", "representative"), default=None,
                    help=f"hkmeans: steer the tree by node centroid or representative signal "
                         f"(default {_SEARCH_DEFAULTS.route})")
@@ -225,7 +226,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     index.check_metric(args.metric)
     n_queries = pq.ParquetFile(args.queries).metadata.num_rows if Path(args.queries).is_file() else None
     t0 = time.monotonic()
-    if args.engine == "spark" or (args.engine == "auto" and (n_queries is None or n_queries > LOCAL_SEARCH_MAX_QUERIES)):
+    big = n_queries is None or n_queries > LOCAL_SEARCH_MAX_QUERIES
+    if args.engine == "spark" or (args.engine == "auto" and big):
         from batch_index import spark_job
 
         table = spark_job.search(_spark(args), index, args.queries, args.metric, args.mode, args.k,

@@ -14,6 +14,7 @@ Scores returned are always the exact metric (higher = more similar); approximate
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.graph import graph_search
@@ -237,35 +239,55 @@ class SearchIndex:
         zq, nq = self.transform.apply(q)
         aq = space_queries(zq, nq, space)
         rerank = max(params.rerank, kk)
-        for i in range(len(q)):
-            cand, approx = self._candidates(aq[i], space, mode, params)
-            if cand.size > rerank:
-                best = np.argpartition(approx, rerank - 1)[:rerank]
-                cand = cand[best]
-            cand = np.sort(cand)
-            exact = scores(q[i], self._rows(cand), metric)
-            top = top_k(exact, kk)
-            n = len(top)
-            out_i[i, :n], out_s[i, :n] = cand[top], exact[top]
-            if n < kk:  # fewer candidates than k: pad from exact search rather than return short lists
-                out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
+        # many small BLAS calls per query: threads only add contention (and fight Spark's own)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for i, cand in enumerate(self._candidates(aq, space, mode, params, rerank)):
+                cand = np.sort(cand)
+                exact = scores(q[i], self._rows(cand), metric)
+                top = top_k(exact, kk)
+                n = len(top)
+                out_i[i, :n], out_s[i, :n] = cand[top], exact[top]
+                if n < kk:  # fewer candidates than k: pad from exact search rather than return short lists
+                    out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
         return out_i, out_s
 
-    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams
-                    ) -> tuple[npt.NDArray[np.int64], F32]:
-        """Candidate global rows with their squared L2 distance in reference space (lower = better)."""
-        cands, dists = [], []
-        for s in self.shards:
-            pts = s.space(space)
-            if mode == "hkmeans":
-                seeds = s.trees[space].search(pts, aq, params.n_probe, params.route)
-                local, d = graph_search(pts, s.graphs[space], aq, seeds, params.ef)
-            else:
-                local = np.arange(len(pts), dtype=np.int64)
-                d = np.maximum(np.einsum("ij,ij->i", pts, pts) - 2.0 * (pts @ aq) + aq @ aq, 0.0)
-            cands.append(local + s.offset)
-            dists.append(d)
-        return np.concatenate(cands), np.concatenate(dists)
+    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, rerank: int
+                    ) -> Iterator[npt.NDArray[np.int64]]:
+        """Per query, the global rows to re-rank: the ``rerank`` nearest found in reference space."""
+        if mode == "transform":
+            yield from self._transform_candidates(aq, space, rerank)
+            return
+        for a in aq:
+            cands, dists = [], []
+            for s in self.shards:
+                pts = s.space(space)
+                seeds = s.trees[space].search(pts, a, params.n_probe, params.route)
+                local, d = graph_search(pts, s.graphs[space], a, seeds, params.ef)
+                cands.append(local + s.offset)
+                dists.append(d)
+            cand, dist = np.concatenate(cands), np.concatenate(dists)
+            yield cand if cand.size <= rerank else cand[np.argpartition(dist, rerank - 1)[:rerank]]
+
+    def _transform_candidates(self, aq: F32, space: str, rerank: int, block_bytes: int = 1 << 27
+                              ) -> Iterator[npt.NDArray[np.int64]]:
+        """Brute force in reference space: one GEMM per block of queries and shard."""
+        rows = max(1, block_bytes // (4 * max(len(s.z) for s in self.shards)))
+        for lo in range(0, len(aq), rows):
+            block = aq[lo:lo + rows]
+            cands, dists = [], []
+            for s in self.shards:
+                pts = s.space(space)
+                d = np.einsum("ij,ij->i", pts, pts)[None, :] - 2.0 * (block @ pts.T)  # + |a|^2, same per row
+                r = min(rerank, d.shape[1])
+                if r < d.shape[1]:
+                    part = np.argpartition(d, r - 1, axis=1)[:, :r]
+                else:
+                    part = np.tile(np.arange(d.shape[1]), (len(block), 1))
+                cands.append(part + s.offset)
+                dists.append(np.take_along_axis(d, part, axis=1))
+            cand, dist = np.hstack(cands), np.hstack(dists)
+            for c, d in zip(cand, dist):
+                yield c if c.size <= rerank else c[np.argpartition(d, rerank - 1)[:rerank]]
 
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""

@@ -141,7 +141,9 @@ def build_tree(points: F32, *, branching: int = 16, leaf_size: int = 64, max_dep
             child_count.append(0)
             leaf_start.append(0)
             leaf_count.append(0)
-    as32 = lambda v: np.asarray(v, dtype=np.int32)
+    def as32(v: list[int]) -> I32:
+        return np.asarray(v, dtype=np.int32)
+
     return KMeansTree(rep=as32(rep), child_start=as32(child_start), child_count=as32(child_count),
                       leaf_start=as32(leaf_start), leaf_count=as32(leaf_count),
                       order=np.concatenate(order).astype(np.int32),

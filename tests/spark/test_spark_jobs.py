@@ -90,7 +90,8 @@ def _write(path: Path, ids: list[str], signals: list[list[float]]) -> Path:
     ("ids", "signals", "message"),
     [
         (["a", "b", "a"], [[1.0, 2.0]] * 3, "ids must be unique; 1 duplicate\\(s\\), e.g. 'a' appears 2 times"),
-        (["a", "b", "c"], [[1.0, 2.0], [1.0], [3.0, 4.0]], "1 signal\\(s\\) do not have 2 samples \\(e.g. id 'b' has 1\\)"),
+        (["a", "b", "c"], [[1.0, 2.0], [1.0], [3.0, 4.0]],
+         "1 signal\\(s\\) do not have 2 samples \\(e.g. id 'b' has 1\\)"),
         (["a", "b"], [[1.0, float("nan")], [1.0, 2.0]], "contain NaN or infinite values \\(e.g. id 'a'\\)"),
         (["a", "b"], [[1.0, 2.0], [float("inf"), 2.0]], "contain NaN or infinite values \\(e.g. id 'b'\\)"),
     ],

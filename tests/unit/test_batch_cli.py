@@ -53,7 +53,7 @@ def test_search_reports_recall(files, capsys) -> None:
     rc = main(["search", "--index", str(files["index"]), "--queries", str(files["queries"]), "--metric", "euclidean",
                "--mode", "hkmeans", "--k", "5", "--output", str(files["dir"] / "r2.parquet"), "--recall"])
     assert rc == 0
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("recall@5")][0]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("recall@5"))
     assert 0.0 <= float(line.split(":")[1]) <= 1.0
 
 
