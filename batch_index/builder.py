@@ -111,7 +111,7 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
             tree = build_tree(pts, branching=cfg.branching, leaf_size=cfg.leaf_size, max_depth=cfg.max_depth,
                               kmeans=cfg.kmeans, seed=shard_seed(cfg.seed, shard))
             trees[space] = tree.to_bytes()
-            graphs[space] = build_graph(pts, degree=cfg.graph_degree)
+            graphs[space] = build_graph(pts, degree=cfg.graph_degree, seed=shard_seed(cfg.seed, shard))
     info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)

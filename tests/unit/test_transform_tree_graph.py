@@ -141,3 +141,12 @@ def test_graph_walk_with_huge_ef_visits_the_component(data: np.ndarray) -> None:
     g = build_graph(data, degree=8)
     ids, _ = graph_search(data, g, data[3], seeds=np.array([0]), ef=10_000)
     assert len(ids) == len(data)  # reverse edges keep the graph connected here
+
+
+def test_clustered_graph_keeps_most_exact_neighbours(data: np.ndarray) -> None:
+    exact = build_graph(data, degree=8)
+    clustered = build_graph(data, degree=8, cluster_size=150, spill=2, seed=3)  # 6 clusters
+    assert clustered.shape == exact.shape
+    agree = np.mean([len(set(a[:8]) & set(b[:8])) / 8 for a, b in zip(exact, clustered)])
+    assert agree >= 0.8
+    np.testing.assert_array_equal(clustered, build_graph(data, degree=8, cluster_size=150, spill=2, seed=3))
