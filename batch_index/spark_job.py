@@ -79,9 +79,10 @@ class Progress:
                     continue
                 done, total = info.numCompletedTasks, info.numTasks
                 elapsed = time.monotonic() - self._t0
-                eta = elapsed / done * (total - done) if done else float("nan")
-                logger.info("%s: stage %d %s: %d/%d tasks, %.0f s elapsed, ETA %.0f s",
-                            self._label, sid, info.name.split(" at ")[0], done, total, elapsed, eta)
+                eta = f"ETA {elapsed / done * (total - done):.0f} s" if done else "ETA after the first task"
+                logger.info("%s: stage %d %s: %d/%d tasks done, %d running, %.0f s elapsed, %s",
+                            self._label, sid, info.name.split(" at ")[0], done, total, info.numActiveTasks,
+                            elapsed, eta)
 
 
 # ---- generate ---------------------------------------------------------------------------------------

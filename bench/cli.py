@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queries", type=int, default=100)
     s.add_argument("--metrics", default="cosine,euclidean,manhattan,dot")
     s.add_argument("--ef", type=_ints, default=(16, 32, 64, 128, 256, 512, 1024), help="ef ladder, ascending")
+    s.add_argument("--n-probe", type=int, default=1, help="hkmeans n_probe (default %(default)s)")
     s.add_argument("--target", type=float, default=0.95)
     s.add_argument("--repeats", type=int, default=3)
 
@@ -126,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    for noisy in ("py4j", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.study == "recall":
             return _recall(args, parser, argv)
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             scaling.run(scaling.ScalingConfig(
                 sizes=args.sizes, n_queries=args.queries, metrics=parse_metrics(args.metrics), efs=args.ef,
-                target=args.target, repeats=args.repeats, seed=args.seed, workdir=args.workdir, out=args.out),
+                n_probe=args.n_probe, target=args.target, repeats=args.repeats, seed=args.seed, workdir=args.workdir, out=args.out),
                 _command(argv))
             return 0
         if args.study == "distributed":

@@ -125,6 +125,9 @@ def machine_info() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
+    faiss = _faiss()
+    if faiss is not None:
+        versions["faiss compile options"] = faiss.get_compile_options().strip()
     blas = sorted({f"{p['internal_api']} {p.get('version') or ''} ({p['prefix']})".replace("  ", " ")
                    for p in threadpool_info()})
     return {

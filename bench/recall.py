@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -121,9 +122,10 @@ def run_dataset(ds: Dataset, cfg: RecallConfig) -> list[dict[str, Any]]:
             with capped_threads(cfg.build_threads):
                 configs += faiss_systems(ds.corpus, metric, cfg.k, cfg.sweep, cfg.seed)
         rows += evaluate(ds, metric, configs, cfg)
+        logger.info("%s %s: %d configurations done in %.0f s", ds.name, metric, len(configs),
+                    time.perf_counter() - t0)
         del configs
         gc.collect()
-        logger.info("%s %s: %d configurations done in %.0f s", ds.name, metric, len(rows), time.perf_counter() - t0)
         report.log_best(rows, ds.name, metric, cfg.target, cell_name(cfg.cells[0]))
     return rows
 
@@ -145,6 +147,7 @@ def run(cfg: RecallConfig, command: str) -> Path:
         described[ds.name] = ds.description
         rows += run_dataset(ds, cfg)
     info["study_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    info["load_average_at_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     params = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workdir")}
     return report.write_recall(rows, cfg.out, command=command, machine=info, params=params, datasets=described,
                                primary=cell_name(cfg.cells[0]), cells=[cell_name(c) for c in cfg.cells],

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -112,6 +113,25 @@ class EmbeddedBroker:
         except OSError:
             return "(no log)"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def restart(self, down_s: float = 0.0) -> EmbeddedBroker:
+        """Stop, stay down ``down_s`` seconds, start again on the same port (topics come back empty)."""
+        self.stop()
+        time.sleep(down_s)
+        return self.start()
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): an outage that keeps its topics, like a network partition."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 1.0) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after ``timeout``); safe to call twice.
 
@@ -120,6 +140,7 @@ class EmbeddedBroker:
         """
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout)
@@ -142,7 +163,7 @@ def create_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 1,
                   config: Mapping[str, str] | None = None, timeout: float = 15.0,
                   client_config: Mapping[str, str] | None = None) -> None:
     """Create ``topics`` (existing ones are left as they are); raises :class:`BrokerError` otherwise."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, **(client_config or {})})
+    admin = admin_client(bootstrap, client_config)
     futures = admin.create_topics([NewTopic(t, partitions, replication, config=dict(config or {}))
                                    for t in topics], operation_timeout=timeout, request_timeout=timeout)
     for topic, fut in futures.items():
@@ -156,3 +177,40 @@ def create_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 1,
             if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise BrokerError(f"cannot create topic {topic!r} on {bootstrap}: {err}") from e
+
+
+def admin_client(bootstrap: str, client_config: Mapping[str, str] | None = None) -> AdminClient:
+    """An AdminClient; a setting librdkafka rejects is a :class:`BrokerError` (its value not echoed)."""
+    try:
+        return AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("streaming.broker.admin"),
+                            **(client_config or {})})
+    except KafkaException as e:
+        raise BrokerError(f"invalid Kafka client settings: {redact(str(e.args[0]), client_config)}") from None
+
+
+def missing_topics(bootstrap: str, topics: Iterable[str], *, admin: AdminClient | None = None,
+                   timeout: float = 5.0) -> list[str] | None:
+    """Which of ``topics`` the broker does not have; None while it cannot be asked."""
+    admin = admin or admin_client(bootstrap)
+    try:
+        md = admin.list_topics(timeout=timeout)
+    except KafkaException:
+        return None
+    return [t for t in topics if t not in md.topics or md.topics[t].error is not None]
+
+
+def redact(text: str, client_config: Mapping[str, str] | None) -> str:
+    """``text`` with the value of every secret-looking setting of ``client_config`` replaced by ``***``."""
+    for key, value in (client_config or {}).items():
+        if value and len(value) >= 3 and is_secret_key(key):
+            text = text.replace(value, "***")
+    return text
+
+
+def is_secret_key(key: str) -> bool:
+    """Kafka/JAAS settings whose values must never be logged (passwords, private keys, tokens, JAAS lines)."""
+    k = key.lower().removeprefix("kafka.")
+    return any(word in k for word in _SECRET_WORDS) or k in ("ssl.key.pem", "sasl.oauthbearer.config")
+
+
+_SECRET_WORDS = ("password", "secret", "token", "jaas", "credential")

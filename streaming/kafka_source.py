@@ -14,14 +14,24 @@ How it reads (see ``shared/KAFKA.md`` for why): a :class:`SimpleDataSourceStream
 reads each micro-batch and offsets come from records actually read. Each read ``assign()``\\ s the
 partitions at explicit offsets (no consumer group, no rebalance wait) and reads to end-of-partition
 (``enable.partition.eof``) rather than to the reported high watermark, which Tansu gets wrong. When
-nothing is waiting it long-polls up to ``idleWaitMs`` so an idle stream does not spin. Offsets are
-``{"topic": {"partition": next_offset}}``; a partition first seen is read from its beginning. If a
-partition's log moved backwards (topic recreated), reading resumes at its new beginning and a
-warning says so.
+nothing is waiting it long-polls up to ``idleWaitMs`` so an idle stream does not spin.
+
+Offsets are ``{"topic": {"partition": next_offset, ..., "@id": topic_id, "@epoch": n}}``; a partition
+first seen is read from its beginning. A topic that was deleted and recreated (a broker that keeps
+topics in memory restarted, or an operator recreated it) has a new topic id: reading then restarts at
+the new log's beginning, ``@epoch`` counts the restart and a warning says so. (Without that check a
+stale position past the new log's end is silently waited for on Tansu, skipping the new log's start;
+a position equal to where the new log happens to end looks like "no progress" to Spark.) A log that
+moved backwards without a new id (truncation, or a broker without topic ids) is noticed from the
+records read and handled the same way. While the broker is unreachable a read returns nothing, so
+the query idles instead of failing; a replay of a logged batch after a restart (``readBetweenOffsets``)
+waits for the broker, and if that batch's records no longer exist (the topic was recreated) it says
+so in an error log and replays what is left.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -29,7 +39,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 from pyspark.sql.datasource import DataSource, SimpleDataSourceStreamReader
 from pyspark.sql.types import StructType
 
@@ -38,8 +57,13 @@ logger = logging.getLogger(__name__)
 NAME: Final[str] = "ckafka"
 SCHEMA: Final[str] = ("key binary, value binary, topic string, partition int, offset long, "
                       "timestamp timestamp, timestampType int")
-Offsets = dict[str, dict[str, int]]
+ID_KEY: Final[str] = "@id"        # offsets: the topic id the positions belong to
+EPOCH_KEY: Final[str] = "@epoch"  # offsets: how many times this topic's log restarted under the query
+REPEAT_LOG_S: Final[float] = 30.0  # the same warning is logged at most this often
+Offsets = dict[str, dict[str, Any]]
+TP = tuple[str, int]
 Row = tuple[bytes | None, bytes | None, str, int, int, datetime | None, int]
+_NO_META: Final[tuple[str | None, int]] = (None, 0)
 
 
 @dataclass(frozen=True)
@@ -53,7 +77,7 @@ class SourceOptions:
     max_bytes_per_trigger: int = 64 << 20  # maxBytesPerTrigger: memory bound (the batch ends past it)
     idle_wait_ms: int = 200                # idleWaitMs: long-poll when nothing is waiting
     read_timeout_ms: int = 10_000          # readTimeoutMs: give up reading to end-of-partition after this
-    client: Mapping[str, str] = field(default_factory=dict)  # other kafka.* options, prefix removed
+    client: Mapping[str, str] = field(default_factory=dict, repr=False)  # other kafka.* options (secrets)
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> SourceOptions:
@@ -77,6 +101,23 @@ class SourceOptions:
         return cls(bootstrap, topics, starting, client=client, **ints)
 
 
+@dataclass(frozen=True)
+class TopicState:
+    """What the broker says about a subscribed topic now."""
+
+    id: str | None  # None where the broker has no topic ids
+    partitions: tuple[int, ...]
+
+
+@dataclass
+class _Fetched:
+    rows: list[Row] = field(default_factory=list)
+    ends: dict[TP, int] = field(default_factory=dict)    # per partition: the offset after its last row
+    firsts: dict[TP, int] = field(default_factory=dict)  # per partition: the offset of its first row
+    eof: dict[TP, int] = field(default_factory=dict)     # partitions at end-of-partition: that offset
+    done: set[TP] = field(default_factory=set)           # at end-of-partition, or at stop_at
+
+
 class KafkaDataSource(DataSource):
     """``spark.readStream.format("ckafka")``: Kafka via confluent-kafka; see the module docstring."""
 
@@ -92,14 +133,17 @@ class KafkaDataSource(DataSource):
 
 
 class KafkaStreamReader(SimpleDataSourceStreamReader):
-    """Reads micro-batches on the driver; the consumer is made lazily where the reader runs."""
+    """Reads micro-batches on the driver; the Kafka clients are made lazily where the reader runs."""
 
     def __init__(self, opts: SourceOptions) -> None:
         self.opts = opts
         self._consumer: Consumer | None = None
+        self._admin: AdminClient | None = None
+        self._topic_ids = True  # False once the broker turned out not to know topic ids
+        self._logged: dict[str, float] = {}
 
-    def __getstate__(self) -> dict[str, Any]:  # a Consumer cannot be pickled; make a new one on arrival
-        return {**self.__dict__, "_consumer": None}
+    def __getstate__(self) -> dict[str, Any]:  # clients cannot be pickled; make new ones on arrival
+        return {**self.__dict__, "_consumer": None, "_admin": None}
 
     @property
     def consumer(self) -> Consumer:
@@ -111,31 +155,104 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                 "logger": logging.getLogger("streaming.kafka_source.librdkafka"), **self.opts.client})
         return self._consumer
 
+    @property
+    def admin(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.opts.bootstrap,
+                                       "logger": logging.getLogger("streaming.kafka_source.librdkafka"),
+                                       **self.opts.client})
+        return self._admin
+
     # ---- SimpleDataSourceStreamReader --------------------------------------------------------------
     def initialOffset(self) -> Offsets:
         if self.opts.starting == "earliest":
             return {t: {} for t in self.opts.topics}  # every partition from its beginning
-        tps = [TopicPartition(t, p, OFFSET_END) for t, p in self._partitions(strict=True)]
-        _, ends = self._consume(tps, limit=None, stop_at=None, idle_wait=0.0, keep=False)
-        return _offsets_json(self.opts.topics, ends)
+        state = self._topics(strict=True) or {}
+        tps = [TopicPartition(t, p, OFFSET_END) for t, s in state.items() for p in s.partitions]
+        got = self._consume(tps, limit=None, stop_at=None, idle_wait=0.0, keep=False)
+        return _offsets_json(self.opts.topics, got.ends, {t: (s.id, 0) for t, s in state.items()})
 
     def read(self, start: Offsets) -> tuple[Iterator[Row], Offsets]:
-        positions = _positions(start)
-        tps = [TopicPartition(t, p, positions.get((t, p), OFFSET_BEGINNING)) for t, p in self._partitions()]
-        rows, ends = self._consume(tps, limit=self.opts.max_per_trigger, stop_at=None,
-                                   idle_wait=self.opts.idle_wait_ms / 1000, max_bytes=self.opts.max_bytes_per_trigger)
-        for (t, p), off in ends.items():
-            if (t, p) in positions and off < positions[(t, p)]:
-                logger.warning("%s[%d]: offsets moved backwards from %d to %d (topic recreated?); reading "
-                               "from its new beginning", t, p, positions[(t, p)], off)
-        return iter(rows), _offsets_json(self.opts.topics, {**positions, **ends})
+        positions, meta = _positions(start), _meta(start)
+        state = self._topics()
+        if not state:  # broker unreachable (already waited) or no subscribed topic exists yet
+            time.sleep(self.opts.idle_wait_ms / 1000)
+            return iter(()), start
+        tps = []
+        for t, ts in state.items():
+            old_id, epoch = meta.get(t, _NO_META)
+            if old_id is not None and ts.id is not None and ts.id != old_id:
+                old = {p: o for (tt, p), o in positions.items() if tt == t}
+                logger.warning("topic %s was recreated (topic id %s -> %s; e.g. a broker that keeps topics in "
+                               "memory restarted): its old log is gone; reading the new log from its beginning "
+                               "(positions were %s)", t, old_id, ts.id, old)
+                positions = {tp: o for tp, o in positions.items() if tp[0] != t}
+                epoch += 1
+            meta[t] = (ts.id or old_id, epoch)
+            tps.extend(TopicPartition(t, p, positions.get((t, p), OFFSET_BEGINNING)) for p in ts.partitions)
+        got = self._consume(tps, limit=self.opts.max_per_trigger, stop_at=None,
+                            idle_wait=self.opts.idle_wait_ms / 1000, max_bytes=self.opts.max_bytes_per_trigger)
+        if len(got.done) < len(tps) and not got.rows:
+            self._warn_every("no-eof", "no end-of-partition from %s within %d ms; trying again next trigger",
+                             sorted(tp for tp in ((x.topic, x.partition) for x in tps) if tp not in got.done),
+                             self.opts.read_timeout_ms)
+        backwards = {tp: (positions[tp], first) for tp, first in got.firsts.items()
+                     if tp in positions and first < positions[tp]}
+        for t in sorted({tp[0] for tp in backwards}):
+            moved = {p: f"{a}->{b}" for (tt, p), (a, b) in backwards.items() if tt == t}
+            logger.warning("topic %s: offsets moved backwards %s (log truncated or topic recreated); reading the "
+                           "log from where it now starts", t, moved)
+            tid, epoch = meta.get(t, _NO_META)
+            meta[t] = (tid, epoch + 1)
+        return iter(got.rows), _offsets_json(self.opts.topics, {**positions, **got.ends}, meta)
 
     def readBetweenOffsets(self, start: Offsets, end: Offsets) -> Iterator[Row]:
-        """Re-read a batch deterministically after a restart (called from the checkpoint's offset log)."""
+        """Re-read a logged batch after a restart (called with the checkpoint's offset log).
+
+        Waits while the broker is unreachable (a replay must be complete, or the batch would differ);
+        records that no longer exist (topic recreated, log truncated) are reported and skipped.
+        """
         begin, stop = _positions(start), _positions(end)
-        tps = [TopicPartition(t, p, begin.get((t, p), OFFSET_BEGINNING)) for (t, p), e in stop.items()
-               if begin.get((t, p)) != e]
-        rows, _ = self._consume(tps, limit=None, stop_at=stop, idle_wait=0.0)
+        m0, m1 = _meta(start), _meta(end)
+        pending: dict[TP, int] = {}
+        for tp, e in stop.items():
+            b = begin.get(tp) if m0.get(tp[0], _NO_META) == m1.get(tp[0], _NO_META) else None
+            if e > (b or 0):
+                pending[tp] = OFFSET_BEGINNING if b is None else b
+        rows: list[Row] = []
+        t0 = time.monotonic()
+        while pending:
+            state = self._topics()
+            if state is None:
+                self._warn_every("replay-wait", "re-reading batch %s..%s: broker unreachable, waiting (%.0f s so far)",
+                                 start, end, time.monotonic() - t0)
+                time.sleep(1.0)
+                continue
+            for t in sorted({tp[0] for tp in pending}):
+                ts, want = state.get(t), m1.get(t, _NO_META)[0]
+                if ts is None or (want is not None and ts.id is not None and ts.id != want):
+                    lost = {tp[1]: f"{o if o >= 0 else 0}..{stop[tp] - 1}" for tp, o in pending.items() if tp[0] == t}
+                    logger.error("cannot re-read topic %s partitions %s for a batch being replayed: the topic %s; "
+                                 "the queries in those records are lost with the broker's log", t, lost,
+                                 "no longer exists" if ts is None else f"was recreated (id {want} -> {ts.id})")
+                    pending = {tp: o for tp, o in pending.items() if tp[0] != t}
+            if not pending:
+                break
+            got = self._consume([TopicPartition(t, p, o) for (t, p), o in pending.items()], limit=None,
+                                stop_at=stop, idle_wait=0.0)
+            rows.extend(got.rows)
+            for tp in list(pending):
+                if tp in got.done:
+                    if tp in got.eof and got.eof[tp] < stop[tp]:
+                        logger.error("cannot re-read %s[%d] offsets %d..%d for a batch being replayed: the log now "
+                                     "ends at %d (truncated); those queries are lost", tp[0], tp[1],
+                                     got.ends.get(tp, max(pending[tp], 0)), stop[tp] - 1, got.eof[tp])
+                    del pending[tp]
+                elif tp in got.ends:
+                    pending[tp] = got.ends[tp]
+            if pending:
+                self._warn_every("replay-slow", "re-reading batch %s..%s: still waiting for %s (%.0f s so far)",
+                                 start, end, sorted(pending), time.monotonic() - t0)
         return iter(rows)
 
     def commit(self, end: Offsets) -> None:
@@ -145,67 +262,105 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        self._admin = None
 
     # ---- reading ------------------------------------------------------------------------------------
-    def _partitions(self, *, strict: bool = False) -> list[tuple[str, int]]:
-        """Partitions of the subscribed topics; none (with a warning) while the broker is unreachable."""
+    def _warn_every(self, key: str, msg: str, *args: object) -> None:
+        """Log a warning that may repeat every trigger at most once per ``REPEAT_LOG_S``."""
+        now = time.monotonic()
+        if now - self._logged.get(key, -REPEAT_LOG_S) >= REPEAT_LOG_S:
+            self._logged[key] = now
+            logger.warning(msg, *args)
+
+    def _topics(self, *, strict: bool = False) -> dict[str, TopicState] | None:
+        """The subscribed topics that exist now, with their ids; None while the broker is unreachable.
+
+        A missing topic is left out (with a warning); ``strict`` raises instead of returning None.
+        """
+        timeout = self.opts.read_timeout_ms / 1000
+        if not self._topic_ids:
+            return self._listed_topics(strict=strict)
+        out: dict[str, TopicState] = {}
+        try:
+            futures = self.admin.describe_topics(TopicCollection(list(self.opts.topics)), request_timeout=timeout)
+            for t, fut in futures.items():
+                try:
+                    d = fut.result(timeout + 1.0)
+                except KafkaException as e:
+                    err = e.args[0]
+                    if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        self._warn_every(f"missing-{t}", "topic %s does not exist (yet); reading nothing from it", t)
+                        continue
+                    if isinstance(err, KafkaError) and err.code() in (KafkaError._UNSUPPORTED_FEATURE,
+                                                                       KafkaError.UNSUPPORTED_VERSION):
+                        logger.info("the broker cannot describe topics (%s): recreated topics are noticed only "
+                                    "when offsets move backwards", err)
+                        self._topic_ids = False
+                        return self._listed_topics(strict=strict)
+                    raise
+                tid = d.topic_id
+                known = tid is not None and (tid.get_most_significant_bits() or tid.get_least_significant_bits())
+                out[t] = TopicState(str(tid) if known else None, tuple(sorted(p.id for p in d.partitions)))
+        except (KafkaException, concurrent.futures.TimeoutError) as e:
+            if strict:
+                raise
+            why = e.args[0] if isinstance(e, KafkaException) and e.args else "timed out"
+            self._warn_every("unreachable", "broker unreachable (%s); no new queries until it answers", why)
+            return None
+        return out
+
+    def _listed_topics(self, *, strict: bool) -> dict[str, TopicState] | None:
+        """Like :meth:`_topics` for brokers without topic ids (plain metadata)."""
         try:
             md = self.consumer.list_topics(timeout=self.opts.read_timeout_ms / 1000)
         except KafkaException as e:
             if strict:
                 raise
-            logger.warning("broker unreachable (%s); no new queries this trigger", e.args[0])
-            return []
-        out = []
+            self._warn_every("unreachable", "broker unreachable (%s); no new queries until it answers", e.args[0])
+            return None
+        out = {}
         for t in self.opts.topics:
             meta = md.topics.get(t)
             if meta is None or meta.error is not None:
-                logger.warning("topic %s is not available yet (%s)", t, None if meta is None else meta.error)
+                self._warn_every(f"missing-{t}", "topic %s is not available (yet): %s", t,
+                                 None if meta is None else meta.error)
                 continue
-            out.extend((t, p) for p in sorted(meta.partitions))
+            out[t] = TopicState(None, tuple(sorted(meta.partitions)))
         return out
 
-    def _consume(self, tps: list[TopicPartition], *, limit: int | None, stop_at: dict[tuple[str, int], int] | None,
-                 idle_wait: float, keep: bool = True, max_bytes: int | None = None
-                 ) -> tuple[list[Row], dict[tuple[str, int], int]]:
+    def _consume(self, tps: list[TopicPartition], *, limit: int | None, stop_at: dict[TP, int] | None,
+                 idle_wait: float, keep: bool = True, max_bytes: int | None = None) -> _Fetched:
         """Read ``tps`` from their offsets to end-of-partition (or to ``stop_at``), at most ``limit`` rows
-        (and ``max_bytes`` of values, past which the batch ends early).
+        (and ``max_bytes`` of values, past which the batch ends early), for at most ``readTimeoutMs``.
 
-        Returns the rows (none unless ``keep``) and, per partition, the offset after its last row (or,
-        when not keeping rows, the end-of-partition offset).
+        Rows are kept only with ``keep``; without it, ``ends`` holds each end-of-partition offset.
         """
-        rows: list[Row] = []
-        ends: dict[tuple[str, int], int] = {}
+        got = _Fetched()
         if not tps:
             time.sleep(idle_wait)
-            return rows, ends
+            return got
         c = self.consumer
         c.assign(tps)
         wanted = {(tp.topic, tp.partition) for tp in tps}
-        done: set[tuple[str, int]] = set()  # at end-of-partition (or past stop_at) since its last row
         reported: set[int] = set()  # error codes already logged in this call
         size = 0
         t0 = time.monotonic()
-        while (limit is None or len(rows) < limit) and (max_bytes is None or size < max_bytes):
+        while (limit is None or len(got.rows) < limit) and (max_bytes is None or size < max_bytes):
             elapsed = time.monotonic() - t0
-            if done >= wanted and (rows or stop_at is not None or elapsed >= idle_wait):
+            if got.done >= wanted and (got.rows or stop_at is not None or elapsed >= idle_wait):
                 break
             if elapsed > self.opts.read_timeout_ms / 1000:
-                if stop_at is not None:  # a replay must be complete, or the batch would differ
-                    raise TimeoutError(f"could not re-read {sorted(wanted - done)} up to {stop_at} "
-                                       f"within {self.opts.read_timeout_ms} ms")
-                logger.warning("no end-of-partition from %s within %d ms; ending the batch early",
-                               sorted(wanted - done), self.opts.read_timeout_ms)
-                break
-            n = 500 if limit is None else min(500, limit - len(rows))
+                break  # the caller decides: a read ends its batch, a replay waits and tries again
+            n = 500 if limit is None else min(500, limit - len(got.rows))
             for m in c.consume(n, timeout=0.005):
                 tp = (m.topic(), m.partition())
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        done.add(tp)
+                        got.done.add(tp)
+                        got.eof[tp] = m.offset()
                         if not keep:
-                            ends[tp] = m.offset()
+                            got.ends[tp] = m.offset()
                     elif err.fatal():
                         raise KafkaException(err)
                     elif err.code() not in reported:
@@ -213,29 +368,43 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                         logger.warning("reading %s[%s]: %s", m.topic(), m.partition(), err)
                     continue
                 off = m.offset()
-                if tp in done and stop_at is not None:
+                if stop_at is not None and (tp in got.done or off >= stop_at.get(tp, 0)):
+                    got.done.add(tp)
                     continue
-                if stop_at is not None and off >= stop_at.get(tp, 0):
-                    done.add(tp)
-                    continue
-                done.discard(tp)
-                ends[tp] = off + 1
+                got.done.discard(tp)
+                got.eof.pop(tp, None)
+                got.firsts.setdefault(tp, off)
+                got.ends[tp] = off + 1
                 if keep:
                     size += len(m.value() or b"") + len(m.key() or b"")
                     ts_type, ts = m.timestamp()
-                    rows.append((m.key(), m.value(), m.topic(), m.partition(), off,
-                                 datetime.fromtimestamp(ts / 1000, timezone.utc) if ts_type else None, ts_type))
+                    got.rows.append((m.key(), m.value(), m.topic(), m.partition(), off,
+                                     datetime.fromtimestamp(ts / 1000, timezone.utc) if ts_type else None, ts_type))
                     if max_bytes is not None and size >= max_bytes:
                         break  # the rest of this fetch is read again by the next micro-batch
                 if stop_at is not None and off + 1 >= stop_at.get(tp, 0):
-                    done.add(tp)
-        return rows, ends
+                    got.done.add(tp)
+        return got
 
 
-def _positions(offsets: Offsets) -> dict[tuple[str, int], int]:
-    return {(t, int(p)): int(o) for t, parts in offsets.items() for p, o in parts.items()}
+def _positions(offsets: Offsets) -> dict[TP, int]:
+    return {(t, int(p)): int(o) for t, parts in offsets.items() for p, o in parts.items() if not p.startswith("@")}
 
 
-def _offsets_json(topics: tuple[str, ...], pos: Mapping[tuple[str, int], int]) -> Offsets:
+def _meta(offsets: Offsets) -> dict[str, tuple[str | None, int]]:
+    return {t: (parts.get(ID_KEY), int(parts.get(EPOCH_KEY, 0))) for t, parts in offsets.items()}
+
+
+def _offsets_json(topics: tuple[str, ...], pos: Mapping[TP, int],
+                  meta: Mapping[str, tuple[str | None, int]] | None = None) -> Offsets:
     """Offsets in a canonical order (Spark compares them as JSON text)."""
-    return {t: {str(p): pos[(tt, p)] for tt, p in sorted(pos) if tt == t} for t in topics}
+    out: Offsets = {}
+    for t in topics:
+        parts: dict[str, Any] = {str(p): pos[(tt, p)] for tt, p in sorted(pos) if tt == t}
+        tid, epoch = (meta or {}).get(t, _NO_META)
+        if tid is not None:
+            parts[ID_KEY] = tid
+        if epoch:
+            parts[EPOCH_KEY] = epoch
+        out[t] = parts
+    return out

@@ -1,11 +1,20 @@
-"""Publishing replies and dead letters: one idempotent Producer per process, at-least-once.
+"""Publishing replies and dead letters: one Producer per process, at-least-once.
 
 :func:`deliver` returns only when the broker has acknowledged every message (``acks=all``), so a
 micro-batch is committed only after its replies are durable. Transient failures (broker away) are
 retried without end, each attempt bounded by ``message.timeout.ms``, logging as it goes: the job waits
-for the broker rather than crash-looping or dropping replies. Permanent failures (a reply topic that
-cannot exist, a message too large) are logged and counted, so one bad reply topic cannot stall
-everyone else.
+for the broker rather than crash-looping or dropping replies. After a failed attempt the producer is
+replaced by a fresh one, so a client wedged by a broker that lost its state cannot stall the job.
+
+What is never retried: a message too large for the broker, an illegal topic name, and a *per-query*
+reply topic that does not exist or may not be written (the sender named it; one bad reply topic must
+not stall everyone else). Those are logged and counted. The service's own topics (the replies and
+dead-letter topics) are retried whatever the error, since dropping there would lose answers.
+
+The producer is not idempotent by default: replies are keyed by correlation id and duplicates are
+part of the at-least-once contract anyway, while an idempotent producer's state does not survive a
+restart of a broker that keeps it in memory (Tansu answers "unknown producer id" forever after).
+Pass ``enable.idempotence=true`` as a Kafka option to have it on a real cluster.
 """
 
 from __future__ import annotations
@@ -13,22 +22,74 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from streaming.broker import BrokerError, redact
 from streaming.scoring import Outgoing
 
 logger = logging.getLogger(__name__)
 
 PRODUCER_DEFAULTS: Final[dict[str, object]] = {
-    "enable.idempotence": True, "acks": "all", "linger.ms": 2, "compression.type": "none",
+    "enable.idempotence": False, "acks": "all", "linger.ms": 2, "compression.type": "none",
     "message.timeout.ms": 30_000, "message.max.bytes": 8 << 20,
+    # a reply topic that does not exist (broker with auto-create off) fails in ~2 s instead of holding
+    # its micro-batch for librdkafka's default 30 s propagation wait
+    "topic.metadata.propagation.max.ms": 2_000,
 }
-_PRODUCERS: dict[tuple[str, tuple[tuple[str, str], ...]], Producer] = {}
+MAX_BACKOFF_S: Final[float] = 10.0
+
+
+class Publisher:
+    """The process's producer for one broker and client config; :meth:`renew` swaps in a fresh one."""
+
+    def __init__(self, bootstrap: str, client_config: Mapping[str, str] | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.client_config = dict(client_config or {})
+        self.renewed = 0
+        self._producer: Producer | None = None
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            try:
+                self._producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": self.bootstrap,
+                                           "logger": logging.getLogger("streaming.sink.librdkafka"),
+                                           **self.client_config})
+            except KafkaException as e:  # a rejected setting; its value may be a secret: no chaining
+                raise BrokerError("invalid Kafka client settings for the reply producer: "
+                                  f"{redact(str(e.args[0]), self.client_config)}") from None
+        return self._producer
+
+    def renew(self, why: str) -> None:
+        """Drop the current producer (its unsent messages are purged) and make a new one on next use."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            old.purge()
+            old.flush(0)
+            self.renewed += 1
+            logger.warning("replacing the reply producer (%s)", why)
+
+
+_PUBLISHERS: dict[tuple[str, tuple[tuple[str, str], ...]], Publisher] = {}
 _LOCK = threading.Lock()
+
+
+def publisher_for(bootstrap: str, client_config: Mapping[str, str] | None = None) -> Publisher:
+    """The process's :class:`Publisher` for ``bootstrap`` + ``client_config`` (made once, then reused)."""
+    key = (bootstrap, tuple(sorted((client_config or {}).items())))
+    with _LOCK:
+        if key not in _PUBLISHERS:
+            _PUBLISHERS[key] = Publisher(bootstrap, client_config)
+        return _PUBLISHERS[key]
+
+
+def producer_for(bootstrap: str, client_config: Mapping[str, str] | None = None) -> Producer:
+    """The process's current Producer for ``bootstrap`` + ``client_config``."""
+    return publisher_for(bootstrap, client_config).producer
 
 
 @dataclass
@@ -38,37 +99,39 @@ class DeliveryReport:
     attempts: int = 0
 
 
-def producer_for(bootstrap: str, client_config: Mapping[str, str] | None = None) -> Producer:
-    """The process's Producer for ``bootstrap`` + ``client_config`` (made on first use, then reused)."""
-    key = (bootstrap, tuple(sorted((client_config or {}).items())))
-    with _LOCK:
-        if key not in _PRODUCERS:
-            _PRODUCERS[key] = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap,
-                                        "logger": logging.getLogger("streaming.sink.librdkafka"),
-                                        **(client_config or {})})
-        return _PRODUCERS[key]
+def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, service_topics: Collection[str] = (),
+            retry_backoff_s: float = 1.0) -> DeliveryReport:
+    """Produce ``messages`` and wait until each is acknowledged or known undeliverable.
 
-
-def deliver(producer: Producer, messages: Sequence[Outgoing], *, retry_backoff_s: float = 1.0) -> DeliveryReport:
-    """Produce ``messages`` and wait until each is acknowledged or known undeliverable."""
+    ``service_topics`` are retried whatever the error (see the module docstring); a bare
+    ``Producer`` (tests) is used as is, never renewed.
+    """
     report = DeliveryReport()
     pending = list(messages)
+    backoff = retry_backoff_s
     while pending:
         report.attempts += 1
+        producer = publisher.producer if isinstance(publisher, Publisher) else publisher
         failed: list[tuple[Outgoing, KafkaError]] = []
         for m in pending:
             _produce(producer, m, failed, report)
         while producer.flush(1.0) > 0:  # wait for every ack (or per-message timeout) of this attempt
             pass
-        retry = [m for m, err in failed if _retriable(err)]
+        retry = []
         for m, err in failed:
-            if not _retriable(err):
+            if _retriable(err, m.topic in service_topics):
+                retry.append(m)
+            else:
                 report.undeliverable += 1
                 logger.error("dropping undeliverable %s to %s (key %r): %s", m.kind, m.topic, m.key, err)
         if retry:
-            logger.warning("%d of %d messages not acknowledged (%s); retrying (attempt %d)", len(retry),
-                           len(pending), failed[0][1], report.attempts + 1)
-            time.sleep(retry_backoff_s)
+            first = next(err for m, err in failed if m is retry[0])
+            logger.warning("%d of %d messages not acknowledged (%s); retrying in %.0f s (attempt %d)", len(retry),
+                           len(pending), first, backoff, report.attempts + 1)
+            if isinstance(publisher, Publisher):
+                publisher.renew(f"{len(retry)} messages not acknowledged: {first.str()}")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
         pending = retry
     return report
 
@@ -94,12 +157,20 @@ def _produce(producer: Producer, m: Outgoing, failed: list[tuple[Outgoing, Kafka
             return
 
 
-_PERMANENT: Final[frozenset[int]] = frozenset(
-    getattr(KafkaError, name) for name in (
-        "MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE", "RECORD_LIST_TOO_LARGE", "TOPIC_AUTHORIZATION_FAILED",
-        "TOPIC_EXCEPTION", "_INVALID_ARG", "_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART")
-    if hasattr(KafkaError, name))
+def _codes(*names: str) -> frozenset[int]:
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
 
 
-def _retriable(err: KafkaError) -> bool:
-    return err.code() not in _PERMANENT and not err.fatal()
+_TOO_LARGE: Final[frozenset[int]] = _codes("MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE", "RECORD_LIST_TOO_LARGE")
+_BAD_TOPIC: Final[frozenset[int]] = _codes("_INVALID_ARG", "TOPIC_EXCEPTION", "INVALID_TOPIC_EXCEPTION")
+_NOT_WRITABLE: Final[frozenset[int]] = _codes("_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART", "TOPIC_AUTHORIZATION_FAILED")
+
+
+def _retriable(err: KafkaError, service_topic: bool) -> bool:
+    """Whether to try ``err``'s message again (with a fresh producer)."""
+    code = err.code()
+    if code in _TOO_LARGE or code in _BAD_TOPIC:
+        return False
+    if code in _NOT_WRITABLE:
+        return service_topic
+    return True

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from confluent_kafka import Producer
 
-from streaming.kafka_source import KafkaStreamReader, SourceOptions
+from streaming.kafka_source import KafkaStreamReader, SourceOptions, _positions
 
 
 def _produce(bootstrap: str, topic: str, n: int, partitions: int, start: int = 0) -> None:
@@ -32,7 +32,7 @@ def test_reads_every_record_to_end_of_partition(kafka_bootstrap: str, make_topic
     rows, end = r.read(start)
     rows = list(rows)
     assert sorted(v for _, v, *_ in rows) == sorted(f"v{i}".encode() for i in range(30))
-    assert end == {topic: {"0": 15, "1": 15}}  # from records read, not Tansu's reported watermark
+    assert _positions(end) == {(topic, 0): 15, (topic, 1): 15}  # from records read, not Tansu's watermark
     key, value, t, _, _, ts, ts_type = rows[0]
     assert t == topic and key == b"k" + value[1:] and ts is not None and ts_type in (0, 1, 2)
 
@@ -43,7 +43,7 @@ def test_reads_every_record_to_end_of_partition(kafka_bootstrap: str, make_topic
     _produce(kafka_bootstrap, topic, 3, 2, start=30)
     more, end3 = r.read(end)
     assert sorted(v for _, v, *_ in more) == [b"v30", b"v31", b"v32"]
-    assert end3 == {topic: {"0": 17, "1": 16}}
+    assert _positions(end3) == {(topic, 0): 17, (topic, 1): 16}
     replay = list(r.readBetweenOffsets(start, end))
     assert sorted(row[1] for row in replay) == sorted(row[1] for row in rows)
     r.stop()
@@ -58,14 +58,14 @@ def test_rate_limit_and_latest(kafka_bootstrap: str, make_topic: Callable[..., s
     for _ in range(3):
         rows, offsets = r.read(offsets)
         sizes.append(len(list(rows)))
-    assert sizes == [10, 10, 5] and offsets == {topic: {"0": 25}}
+    assert sizes == [10, 10, 5] and _positions(offsets) == {(topic, 0): 25}
 
     latest = _reader(kafka_bootstrap, topic, startingOffsets="latest")
-    assert latest.initialOffset() == {topic: {"0": 25}}
+    assert _positions(latest.initialOffset()) == {(topic, 0): 25}
 
     by_bytes = _reader(kafka_bootstrap, topic, maxBytesPerTrigger=20)  # each record: 2-3 key + 2-3 value bytes
     rows, offsets = by_bytes.read(by_bytes.initialOffset())
-    assert len(list(rows)) == 5 and offsets == {topic: {"0": 5}}
+    assert len(list(rows)) == 5 and _positions(offsets) == {(topic, 0): 5}
 
 
 def test_reader_pickles_without_its_consumer(kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
