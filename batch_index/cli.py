@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run exact search on the same queries and report recall@k (slower)")
     s.add_argument("--engine", choices=("auto", "local", "spark"), default="auto",
                    help=f"auto: Spark above {LOCAL_SEARCH_MAX_QUERIES} queries, else in this process")
+    s.add_argument("--by-shard", action="store_true",
+                   help="spark: each task loads one shard and results are merged (indexes too big for one executor)")
     _spark_flags(s)
 
     n = sub.add_parser("inspect", help="verify an index and print its manifest summary")
@@ -227,11 +229,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     n_queries = pq.ParquetFile(args.queries).metadata.num_rows if Path(args.queries).is_file() else None
     t0 = time.monotonic()
     big = n_queries is None or n_queries > LOCAL_SEARCH_MAX_QUERIES
-    if args.engine == "spark" or (args.engine == "auto" and big):
+    if args.engine == "spark" or args.by_shard or (args.engine == "auto" and big):
         from batch_index import spark_job
 
         table = spark_job.search(_spark(args), index, args.queries, args.metric, args.mode, args.k,
-                                 args.threshold, params, args.partitions)
+                                 args.threshold, params, args.partitions, by_shard=args.by_shard)
         ids = None
     else:
         from batch_index.spark_job import results_batch

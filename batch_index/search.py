@@ -14,7 +14,7 @@ Scores returned are always the exact metric (higher = more similar); approximate
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -121,14 +121,26 @@ class SearchIndex:
         self.max_k = max_k
 
     @classmethod
-    def load(cls, path: str | Path, *, verify: bool = True, max_k: int = DEFAULT_MAX_K) -> SearchIndex:
-        """Load an index directory; checksums are verified unless ``verify`` is False."""
+    def load(cls, path: str | Path, *, verify: bool = True, max_k: int = DEFAULT_MAX_K,
+             shards: Sequence[int] | None = None) -> SearchIndex:
+        """Load an index directory; checksums are verified unless ``verify`` is False.
+
+        ``shards`` loads only those shards (an executor's share of an index too big for one
+        machine); results then cover those shards and row indices stay global.
+        """
         root = Path(path)
         manifest = read_manifest(root, verify=verify)
         transform = ReferenceTransform(references=load_npy(root / "references.npy"),
                                        basis=load_npy(root / "basis.npy"))
-        shards = []
-        for row in manifest["shards"]:
+        rows = manifest["shards"]
+        if shards is not None:
+            wanted = set(shards)
+            unknown = wanted - {int(r["shard"]) for r in rows}
+            if unknown:
+                raise InvalidInputError(f"shard(s) {sorted(unknown)} not in this index of {len(rows)} shard(s)")
+            rows = [r for r in rows if int(r["shard"]) in wanted]
+        loaded = []
+        for row in rows:
             d = shard_dir(root, int(row["shard"]))
             try:
                 ids = np.asarray(pq.read_table(d / "ids.parquet", columns=["id"]).column("id").to_pylist(),
@@ -147,10 +159,11 @@ class SearchIndex:
                            max_norm=float(row["max_norm"]), trees=trees, graphs=graphs, _space_cache={})
             if not (len(ids) == shard.signals.shape[0] == shard.z.shape[0] == int(row["count"])):
                 raise IndexFormatError(f"shard {row['shard']} row counts disagree with the manifest")
-            shards.append(shard)
-        logger.info("loaded index %s (%d signals, %d shards, metrics %s)", manifest["version"],
-                    manifest["count"], len(shards), ",".join(manifest["metrics"]))
-        return cls(root, manifest, transform, shards, max_k)
+            loaded.append(shard)
+        logger.info("loaded index %s (%d signals, %d of %d shards, metrics %s)", manifest["version"],
+                    sum(len(s.ids) for s in loaded), len(loaded), len(manifest["shards"]),
+                    ",".join(manifest["metrics"]))
+        return cls(root, manifest, transform, loaded, max_k)
 
     # ---- what callers check against -------------------------------------------------------------
     @property
@@ -167,7 +180,8 @@ class SearchIndex:
 
     @property
     def size(self) -> int:
-        return int(self.manifest["count"])
+        """Signals loaded (all of the index unless loaded shard by shard)."""
+        return sum(len(s.ids) for s in self.shards)
 
     @property
     def sampling_rate(self) -> float | None:
@@ -175,7 +189,22 @@ class SearchIndex:
 
     @cached_property
     def ids(self) -> npt.NDArray[np.object_]:
+        """Ids of the loaded signals in row order."""
         return np.concatenate([s.ids for s in self.shards])
+
+    @cached_property
+    def _offsets(self) -> npt.NDArray[np.int64]:
+        return np.array([s.offset for s in self.shards], dtype=np.int64)
+
+    def _locate(self, global_rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Position in ``self.shards`` of each global row (loaded shards only)."""
+        return np.searchsorted(self._offsets, global_rows, side="right") - 1
+
+    def ids_of(self, global_rows: npt.ArrayLike) -> list[str]:
+        """The corpus ids of global row indices."""
+        rows = np.asarray(global_rows, dtype=np.int64).ravel()
+        where = self._locate(rows)
+        return [str(self.shards[w].ids[r - self.shards[w].offset]) for w, r in zip(where, rows)]
 
     def check_metric(self, metric: str) -> str:
         check_metric(metric)
@@ -221,10 +250,10 @@ class SearchIndex:
         q = self.check_queries(queries, metric, mode, k, threshold)
         idx, sc = self.search_arrays(q, metric, mode, k, params or SearchParams.for_metric(metric))
         out = []
-        ids = self.ids
         for irow, srow in zip(idx, sc):
             keep = np.ones(len(irow), bool) if threshold is None else srow >= threshold
-            out.append([Match(str(ids[i]), float(s), r + 1) for r, (i, s) in enumerate(zip(irow[keep], srow[keep]))])
+            ids = self.ids_of(irow[keep])
+            out.append([Match(i, float(s), r + 1) for r, (i, s) in enumerate(zip(ids, srow[keep]))])
         return out
 
     def search_arrays(self, q: F32, metric: str, mode: str, k: int, params: SearchParams
@@ -292,9 +321,8 @@ class SearchIndex:
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""
         if len(self.shards) == 1:
-            return np.asarray(self.shards[0].signals[global_rows])
-        offsets = np.array([s.offset for s in self.shards])
-        which = np.searchsorted(offsets, global_rows, side="right") - 1
+            return np.asarray(self.shards[0].signals[global_rows - self.shards[0].offset])
+        which = self._locate(global_rows)
         return np.concatenate([np.asarray(self.shards[w].signals[global_rows[which == w] - self.shards[w].offset])
                                for w in np.unique(which)])
 

@@ -219,33 +219,52 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
 _INDEX_CACHE: dict[str, SearchIndex] = {}
 
 
-def cached_index(path: str, version: str) -> SearchIndex:
-    """One loaded index per process and version (executors reuse Python workers between tasks)."""
-    key = f"{path}@{version}"
+def cached_index(path: str, version: str, shard: int | None = None) -> SearchIndex:
+    """One loaded index (or shard) per process and version; executors reuse Python workers."""
+    key = f"{path}@{version}#{shard}"
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = SearchIndex.load(path, verify=False)
+        if len(_INDEX_CACHE) >= 4:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = SearchIndex.load(path, verify=False, shards=None if shard is None else [shard])
     return _INDEX_CACHE[key]
 
 
 def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mode: str, k: int,
-           threshold: float | None, params: SearchParams, partitions: int | None = None) -> pa.Table:
-    """Search every row of a Parquet query file on executors; results come back as one small table."""
+           threshold: float | None, params: SearchParams, partitions: int | None = None,
+           by_shard: bool = False) -> pa.Table:
+    """Search every row of a Parquet query file on executors; results come back as one small table.
+
+    ``by_shard`` pairs every query with every shard, so each task loads a single shard (an index too
+    big for one executor), and keeps the best ``k`` per query over all shards.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     df = spark.read.parquet(str(queries_path))
     _check_corpus(df, str(queries_path))
     df = df.select(ID_COL, SIGNAL_COL)
-    if partitions:
-        df = df.repartition(partitions)
     path, version, dim = str(index.path.resolve()), index.version, index.dim
+    n_shards = len(index.manifest["shards"])
+    if by_shard:
+        df = df.crossJoin(spark.range(n_shards).withColumnRenamed("id", "shard")).repartition(n_shards, "shard")
+    elif partitions:
+        df = df.repartition(partitions)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx = cached_index(path, version)
         for b in batches:
-            q = signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim)
-            yield results_batch(b.column(ID_COL).to_pylist(), idx.search(q, metric, mode, k, threshold, params))
+            shard_ids = b.column("shard").to_numpy() if by_shard else np.zeros(b.num_rows, np.int64)
+            for shard in np.unique(shard_ids):
+                rows = b.filter(pa.array(shard_ids == shard)) if by_shard else b
+                idx = cached_index(path, version, int(shard) if by_shard else None)
+                q = signals_from_arrow(rows.column(SIGNAL_COL), expected_len=dim)
+                yield results_batch(rows.column(ID_COL).to_pylist(), idx.search(q, metric, mode, k, threshold, params))
 
+    out = df.mapInArrow(run, "query_id string, rank int, id string, score double")
+    if by_shard:
+        best = Window.partitionBy("query_id").orderBy(F.desc("score"), F.asc("id"))
+        out = out.withColumn("rank", F.row_number().over(best)).where(F.col("rank") <= k)
     with Progress(spark, "search"):
-        return df.mapInArrow(run, "query_id string, rank int, id string, score double").toArrow().cast(RESULT_SCHEMA)
+        return out.toArrow().cast(RESULT_SCHEMA).sort_by([("query_id", "ascending"), ("rank", "ascending")])
 
 
 def results_batch(query_ids: list[str], matches) -> pa.RecordBatch:

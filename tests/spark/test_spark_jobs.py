@@ -79,6 +79,18 @@ def test_batch_search_on_spark_equals_local(spark, index: SearchIndex, tmp_path:
     assert got == expected and table.num_rows == 125
 
 
+def test_shard_by_shard_search_on_spark_equals_whole_index(spark, index: SearchIndex, tmp_path: Path) -> None:
+    qids, _, q = generate(80_000, 12, SYN)
+    write_corpus(tmp_path / "q.parquet", qids, q)
+    table = spark_job.search(spark, index, tmp_path / "q.parquet", "euclidean", "exact", 6, None, SearchParams(),
+                             by_shard=True)
+    whole = index.search(q, "euclidean", "exact", 6)
+    expected = [(qid, m.rank, m.id) for qid, ms in sorted(zip(qids, whole)) for m in ms]
+    got = list(zip(table.column("query_id").to_pylist(), table.column("rank").to_pylist(),
+                   table.column("id").to_pylist()))
+    assert got == expected
+
+
 def _write(path: Path, ids: list[str], signals: list[list[float]]) -> Path:
     import pyarrow as pa
 

@@ -183,3 +183,16 @@ def test_build_rejects_bad_input(tmp_path: Path, corpus) -> None:
     with pytest.raises(InvalidInputError, match="not empty"):
         build_index(ids[:3], x[:3], tmp_path / "full")
     assert file_checksum(tmp_path / "full" / "x")
+
+
+def test_shard_by_shard_search_merges_to_the_whole(index_dir: Path, index: SearchIndex, queries) -> None:
+    parts = [SearchIndex.load(index_dir, shards=[s], verify=False) for s in (0, 1)]
+    assert sum(p.size for p in parts) == index.size
+    for metric in ("euclidean", "dot"):
+        whole = index.search(queries[:5], metric, "exact", 8)
+        halves = [p.search(queries[:5], metric, "exact", 8) for p in parts]
+        for w, a, b in zip(whole, *halves):
+            merged = sorted(a + b, key=lambda m: -m.score)[:8]
+            assert [m.id for m in merged] == [m.id for m in w]
+    with pytest.raises(InvalidInputError, match="shard\\(s\\) \\[7\\] not in this index of 2"):
+        SearchIndex.load(index_dir, shards=[7])
