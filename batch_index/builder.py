@@ -59,6 +59,7 @@ class BuildConfig:
     max_depth: int = 12
     kmeans: str = "minibatch"
     graph_degree: int = 16
+    graph_cluster_size: int = 4096
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,8 +72,9 @@ class BuildConfig:
                 f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
         if self.kmeans not in KMEANS_KINDS:
             raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
-        if self.graph_degree < 1:
-            raise InvalidInputError(f"graph_degree must be >= 1, got {self.graph_degree}")
+        if self.graph_degree < 1 or self.graph_cluster_size < 2:
+            raise InvalidInputError("graph_degree >= 1 and graph_cluster_size >= 2 are required; got "
+                                    f"{self.graph_degree} and {self.graph_cluster_size}")
         if self.branching < 2 or self.leaf_size < 1 or self.max_depth < 1 or self.reference_sample < 1:
             raise InvalidInputError("branching >= 2, leaf_size >= 1, max_depth >= 1 and reference_sample >= 1 "
                                     f"are required; got {self.branching}, {self.leaf_size}, "
@@ -111,7 +113,8 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
             tree = build_tree(pts, branching=cfg.branching, leaf_size=cfg.leaf_size, max_depth=cfg.max_depth,
                               kmeans=cfg.kmeans, seed=shard_seed(cfg.seed, shard))
             trees[space] = tree.to_bytes()
-            graphs[space] = build_graph(pts, degree=cfg.graph_degree, seed=shard_seed(cfg.seed, shard))
+            graphs[space] = build_graph(pts, degree=cfg.graph_degree, cluster_size=cfg.graph_cluster_size,
+                                         seed=shard_seed(cfg.seed, shard))
     info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kmeans", choices=("minibatch", "lloyd"), default=_BUILD_DEFAULTS.kmeans)
     b.add_argument("--graph-degree", type=_positive_int, default=_BUILD_DEFAULTS.graph_degree,
                    help="neighbours per signal in the reference-space graph (default %(default)s)")
+    b.add_argument("--graph-cluster-size", type=_positive_int, default=_BUILD_DEFAULTS.graph_cluster_size,
+                   help="graph neighbours are exact within k-means clusters of about this many signals; "
+                        "build time grows linearly with it (default %(default)s)")
     b.add_argument("--seed", type=int, default=_BUILD_DEFAULTS.seed)
     b.add_argument("--sampling-rate", type=float, default=None, help="Hz, recorded in the manifest")
     b.add_argument("--engine", choices=("spark", "local"), default="spark",
@@ -192,7 +195,8 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(metrics=args.metrics, n_references=args.n_references, reference_method=args.reference_method,
                        reference_sample=args.reference_sample, basis_rank=args.basis_rank,
                        branching=args.branching, leaf_size=args.leaf_size, max_depth=args.max_depth,
-                       kmeans=args.kmeans, graph_degree=args.graph_degree, seed=args.seed)
+                       kmeans=args.kmeans, graph_degree=args.graph_degree,
+                       graph_cluster_size=args.graph_cluster_size, seed=args.seed)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -59,11 +59,13 @@ def _knn_block(points: F32, rows: npt.NDArray[np.int64], m: int, block_bytes: in
     step = max(1, block_bytes // (4 * n))
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        d = sq[lo:hi, None] + sq[None, :] - 2.0 * (x[lo:hi] @ x.T)
+        d = x[lo:hi] @ x.T  # ranked by |x_j|^2 - 2 <x_i, x_j>, built in place: this loop is the build's cost
+        d *= -2.0
+        d += sq[None, :]
         d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
         part = np.argpartition(d, m - 1, axis=1)[:, :m]
         nbr[lo:hi] = rows[part]
-        nd[lo:hi] = np.maximum(np.take_along_axis(d, part, axis=1), 0.0)
+        nd[lo:hi] = np.maximum(np.take_along_axis(d, part, axis=1) + sq[lo:hi, None], 0.0)
     return nbr, nd
 
 

@@ -187,8 +187,8 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
     out = prepare_output(output, overwrite=overwrite).resolve()
     has_label = LABEL_COL in df.columns
     df = df.select(ID_COL, *([LABEL_COL] if has_label else []), SIGNAL_COL)
-    if partitions:
-        df = df.repartition(partitions)
+    if partitions:  # fewer shards than input splits: merge splits without shuffling the raw signals
+        df = df.coalesce(partitions) if partitions < df.rdd.getNumPartitions() else df.repartition(partitions)
     total = df.count()
     frac = min(1.0, 1.2 * cfg.reference_sample / total)
     sample_rows = df.sample(fraction=frac, seed=cfg.seed).limit(cfg.reference_sample).select(SIGNAL_COL)
