@@ -115,7 +115,7 @@ def test_tree_handles_duplicates_without_recursing_forever() -> None:
 
 def test_graph_forward_neighbours_are_exact_knn(data: np.ndarray) -> None:
     g = build_graph(data, degree=5, block_bytes=4 * 800 * 64)  # several blocks
-    assert g.shape == (800, 10)
+    assert g.shape == (800, 12)
     d = ((data[:, None, :] - data[None, :50, :]) ** 2).sum(axis=2)  # check the first 50 rows
     for i in range(50):
         dist = ((data - data[i]) ** 2).sum(axis=1)
@@ -150,3 +150,10 @@ def test_clustered_graph_keeps_most_exact_neighbours(data: np.ndarray) -> None:
     agree = np.mean([len(set(a[:8]) & set(b[:8])) / 8 for a, b in zip(exact, clustered)])
     assert agree >= 0.8
     np.testing.assert_array_equal(clustered, build_graph(data, degree=8, cluster_size=150, spill=2, seed=3))
+
+
+def test_every_point_is_named_by_some_neighbour_list(data: np.ndarray) -> None:
+    scaled = data * np.linspace(0.2, 5.0, len(data), dtype=np.float32)[:, None]  # norms vary: hubs
+    g = build_graph(scaled, degree=4)
+    named = np.bincount(g[g >= 0], minlength=len(scaled))
+    assert (named > 0).all()
