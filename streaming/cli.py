@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--max-message-bytes", "ECG_MAX_MESSAGE_BYTES", 1 << 20, "larger queries are rejected", type=int)
     _add(s, "--reply-topic-pattern", "ECG_REPLY_TOPIC_PATTERN", None,
          "regex a query's own reply topic must match (default: any legal topic name)")
-    _add(s, "--n-probe", "ECG_N_PROBE", 16, "hkmeans leaves visited per shard", type=int)
-    _add(s, "--rerank", "ECG_RERANK", 256, "candidates re-scored exactly", type=int)
+    _add(s, "--n-probe", "ECG_N_PROBE", None, "hkmeans: tree leaves seeding the graph walk (default: per metric)",
+         type=int)
+    _add(s, "--ef", "ECG_EF", None, "hkmeans: points the graph walk keeps (default: per metric)", type=int)
+    _add(s, "--rerank", "ECG_RERANK", None, "candidates re-scored exactly (default: per metric)", type=int)
     _add(s, "--master", "SPARK_MASTER", "local[2]", "Spark master")
     _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
     s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
@@ -152,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         source=args.source, starting_offsets=args.starting_offsets, max_queries_per_batch=args.max_queries_per_batch,
         max_batch_bytes=args.max_batch_bytes,
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
-        n_probe=args.n_probe, rerank=args.rerank, master=args.master, create_topics=not args.no_create_topics,
+        n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
+        create_topics=not args.no_create_topics,
         metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
         spark_conf=tuple(args.spark_conf), **extra)
     return serve(cfg)
@@ -167,10 +170,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     ids, signals, _ = read_corpus(args.queries)
     run = uuid.uuid4().hex[:12]
-    with StreamClient(args.bootstrap, args.queries_topic, args.replies_topic, dict(args.kafka_option)) as client:
+    with StreamClient(args.bootstrap, args.queries_topic, args.replies_topic, dict(args.kafka_option),
+                      timeout=min(15.0, args.timeout)) as client:
         cids = [client.send(sig, args.metric, k=args.k, mode=args.mode, threshold=args.threshold,
                             correlation_id=f"{run}-{i}") for i, sig in enumerate(signals)]
         replies = client.collect(cids, args.timeout)
+        undelivered = dict(client.undelivered)
     cols: dict[str, list[Any]] = {c: [] for c in ("query_id", "rank", "id", "score", "latency_ms", "error")}
 
     def row(qid: str, rank: int | None, mid: str | None, score: float | None, lat: float | None,
@@ -181,7 +186,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     n_err = 0
     for qid, cid in zip(ids, cids):
         reply = replies.get(cid)
-        if reply is None:
+        if cid in undelivered:
+            row(qid, None, None, None, None, f"NOT_SENT: {undelivered[cid]}")
+        elif reply is None:
             row(qid, None, None, None, None, f"NO_REPLY: no reply within {args.timeout:g} s")
         elif not reply.result.ok:
             n_err += 1
@@ -202,6 +209,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         p50, p95, p99 = np.percentile(lat, [50, 95, 99])
         summary += f"; latency ms p50 {p50:.0f} p95 {p95:.0f} p99 {p99:.0f}"
     print(f"{summary}; wrote {args.output}")
+    if undelivered:
+        print(f"error: {len(undelivered)} of {len(cids)} queries were not accepted by the broker: "
+              f"{next(iter(undelivered.values()))}", file=sys.stderr)
     if missing:
         print(f"error: {missing} of {len(cids)} queries got no reply within {args.timeout:g} s", file=sys.stderr)
         return 1
@@ -261,7 +271,8 @@ def cmd_send_one(args: argparse.Namespace) -> int:
 
     label, sample = load_sample(args.input, row=args.row, record_id=args.record_id, start_s=args.start_s,
                                 lead=args.lead)
-    with StreamClient(args.bootstrap, args.queries_topic, args.replies_topic, dict(args.kafka_option)) as client:
+    with StreamClient(args.bootstrap, args.queries_topic, args.replies_topic, dict(args.kafka_option),
+                      timeout=min(15.0, args.timeout)) as client:
         cid = client.send(sample, args.metric, k=args.k, mode=args.mode, threshold=args.threshold)
         reply = client.collect([cid], args.timeout).get(cid)
     if reply is None:
@@ -393,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--k must be >= 1, got {args.k}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("ECG_LOG_LEVEL", args.log_level)  # Spark's Python workers log at the same level
     for noisy in ("py4j", "py4j.clientserver", "py4j.java_gateway"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

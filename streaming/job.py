@@ -34,12 +34,23 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from confluent_kafka import KafkaException, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
 from batch_index.errors import EcgSearchError
-from batch_index.search import SearchParams
+from streaming.broker import (
+    BrokerError,
+    SecretFilter,
+    admin_client,
+    create_topics,
+    is_secret_key,
+    missing_topics,
+    redact,
+)
 from streaming.codec import DEFAULT_MAX_BYTES, TOPIC_NAME, Limits
 from streaming.index_cache import IndexHolder, holder_for
 from streaming.scoring import Record, answer_batch
-from streaming.sink import deliver, producer_for
+from streaming.sink import Publisher, deliver, publisher_for
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -49,7 +60,6 @@ logger = logging.getLogger(__name__)
 metrics_logger = logging.getLogger("streaming.metrics")
 
 SOURCES: Final[tuple[str, ...]] = ("ckafka", "kafka")
-_SECRET_KEY = re.compile(r"password|secret|token|jaas|key\b|\.key$", re.IGNORECASE)
 
 
 class ConfigError(EcgSearchError, ValueError):
@@ -75,8 +85,9 @@ class ServeConfig:
     max_k: int = 1000
     max_message_bytes: int = DEFAULT_MAX_BYTES
     reply_topic_pattern: str = TOPIC_NAME.pattern  # which per-query reply topics are allowed (fullmatch)
-    n_probe: int = 16
-    rerank: int = 256
+    n_probe: int | None = None             # hkmeans search knobs; None = the per-metric recommended
+    ef: int | None = None                  # settings (batch_index.search.DEFAULT_PARAMS)
+    rerank: int | None = None
     master: str = "local[2]"
     create_topics: bool = True             # create missing queries/replies/dead-letter topics at start
     query_partitions: int = 1
@@ -96,9 +107,9 @@ class ServeConfig:
         for name in ("queries_topic", "replies_topic", "dead_letter_topic"):
             if not TOPIC_NAME.fullmatch(getattr(self, name)):
                 raise ConfigError(f"{name.replace('_', ' ')} {getattr(self, name)!r} is not a valid topic name")
-        for name in ("max_queries_per_batch", "max_batch_bytes", "max_k", "max_message_bytes", "n_probe", "rerank",
-                     "query_partitions"):
-            if getattr(self, name) < 1:
+        for name in ("max_queries_per_batch", "max_batch_bytes", "max_k", "max_message_bytes", "n_probe", "ef",
+                     "rerank", "query_partitions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.trigger_ms < 0 or self.idle_wait_ms < 0:
             raise ConfigError("trigger and idle wait must be >= 0 ms")
@@ -115,8 +126,20 @@ class ServeConfig:
         return str(Path(tempfile.gettempdir()) / "ecg-streaming" / where)
 
     @property
+    def search_overrides(self) -> dict[str, int]:
+        """Search knobs set explicitly; the rest come from each metric's recommended settings."""
+        return {k: v for k, v in (("n_probe", self.n_probe), ("ef", self.ef), ("rerank", self.rerank))
+                if v is not None}
+
+    @property
     def limits(self) -> Limits:
-        return Limits(self.max_message_bytes, self.max_k, re.compile(self.reply_topic_pattern))
+        # a query may not have its reply written into the service's own input or dead-letter topic
+        return Limits(self.max_message_bytes, self.max_k, re.compile(self.reply_topic_pattern),
+                      frozenset((self.queries_topic, self.dead_letter_topic)))
+
+    @property
+    def service_topics(self) -> tuple[str, str, str]:
+        return (self.queries_topic, self.replies_topic, self.dead_letter_topic)
 
     @property
     def client_config(self) -> dict[str, str]:
@@ -125,7 +148,7 @@ class ServeConfig:
     def redacted(self) -> dict[str, Any]:
         """The settings for logs: secrets in Kafka options are masked."""
         d = asdict(self)
-        d["kafka_options"] = {k: "***" if _SECRET_KEY.search(k) else v for k, v in self.kafka_options}
+        d["kafka_options"] = {k: "***" if is_secret_key(k) else v for k, v in self.kafka_options}
         d["checkpoint"] = self.checkpoint_dir
         return d
 
@@ -157,9 +180,12 @@ class BatchHandler:
     def __init__(self, cfg: ServeConfig, holder: IndexHolder | None = None) -> None:
         self.cfg = cfg
         self.holder = holder or holder_for(cfg.index)
-        self.params = SearchParams(n_probe=cfg.n_probe, rerank=cfg.rerank)
+        self.params = cfg.search_overrides
         self.limits = cfg.limits
-        self.totals = {"batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0}
+        self.publisher: Publisher = publisher_for(cfg.bootstrap, cfg.client_config)
+        self.lag = LagProbe(cfg.bootstrap, cfg.queries_topic, cfg.client_config)
+        self.abort = threading.Event()  # set by a shutdown that cannot wait for the broker any longer
+        self.totals = {"batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0, "undeliverable": 0}
         self.last: dict[str, Any] = {}
 
     def __call__(self, df: DataFrame, batch_id: int) -> None:
@@ -175,18 +201,22 @@ class BatchHandler:
                                   dead_letter_topic=self.cfg.dead_letter_topic, limits=self.limits,
                                   params=self.params, received_at=received_at)
         t1 = time.perf_counter()
-        report = deliver(producer_for(self.cfg.bootstrap, self.cfg.client_config), out)
+        report = deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
+                         abort=self.abort)
+        deliver_ms = (time.perf_counter() - t1) * 1000
+        self.lag.advance(stats.offsets)
         metrics = {"batch_id": batch_id, **stats.as_dict(), "fetch_ms": round(fetch_ms, 2),
                    "replies": sum(m.kind == "reply" for m in out),
-                   "undeliverable": report.undeliverable, "deliver_ms": round((time.perf_counter() - t1) * 1000, 2),
-                   "batch_ms": round((time.perf_counter() - t0) * 1000, 2),
-                   "index_reloads": self.holder.reloads, "index_refused": self.holder.refused}
+                   "undeliverable": report.undeliverable, "deliver_attempts": report.attempts,
+                   "deliver_ms": round(deliver_ms, 2), "batch_ms": round((time.perf_counter() - t0) * 1000, 2),
+                   "lag": self.lag.measure(), "index_reloads": self.holder.reloads,
+                   "index_refused": self.holder.refused}
         self._account(metrics)
 
     def _account(self, metrics: dict[str, Any]) -> None:
         self.last = metrics
         self.totals["batches"] += 1
-        for k in ("records", "ok", "errors", "dead_letters"):
+        for k in ("records", "ok", "errors", "dead_letters", "undeliverable"):
             self.totals[k] += metrics[k]
         line = json.dumps(metrics, separators=(",", ":"))
         metrics_logger.info("batch %s", line)
@@ -195,11 +225,100 @@ class BatchHandler:
                 f.write(line + "\n")
 
 
+class LagProbe:
+    """Queries still waiting in the queries topic after a batch: the broker's end offsets minus ours.
+
+    Exact on Apache Kafka; on Tansu, whose reported end offset is that of the newest record *batch*,
+    it is a lower bound (``age_ms_max`` in the same metrics line is exact on both: how old the oldest
+    query of the batch was when scored). None while the broker does not answer within ``timeout``.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Mapping[str, str] | None = None, *,
+                 timeout: float = 2.0, refresh_s: float = 10.0) -> None:
+        self.bootstrap, self.topic, self.client_config = bootstrap, topic, dict(client_config or {})
+        self.timeout, self.refresh_s = timeout, refresh_s
+        self.next: dict[int, int] = {}  # partition -> the offset after the last one answered
+        self._admin: AdminClient | None = None
+        self._partitions: tuple[int, ...] = ()
+        self._listed_at = -float("inf")
+
+    def advance(self, offsets: Mapping[str, Mapping[str, list[int]]]) -> None:
+        """Take a batch's offset ranges (``BatchStats.offsets``: topic -> partition -> [first, last])."""
+        for p, (_, last) in offsets.get(self.topic, {}).items():
+            self.next[int(p)] = last + 1
+
+    def measure(self) -> int | None:
+        try:
+            admin = self._admin = self._admin or admin_client(self.bootstrap, self.client_config)
+            if time.monotonic() - self._listed_at > self.refresh_s:
+                desc = admin.describe_topics(TopicCollection([self.topic]), request_timeout=self.timeout)
+                self._partitions = tuple(p.id for p in desc[self.topic].result(self.timeout).partitions)
+                self._listed_at = time.monotonic()
+            ends = admin.list_offsets({TopicPartition(self.topic, p): OffsetSpec.latest() for p in self._partitions},
+                                      request_timeout=self.timeout)
+            return sum(max(0, f.result(self.timeout).offset - self.next.get(tp.partition, 0))
+                       for tp, f in ends.items())
+        except (KafkaException, BrokerError, TimeoutError, ValueError) as e:
+            logger.debug("lag unknown: %s", e)
+            return None
+
+
+class TopicKeeper:
+    """Re-creates the service's topics when they vanish (a broker that keeps them in memory restarted).
+
+    Runs beside the query in ``serve`` (``start()``/``stop()``), checking every ``interval_s``; the
+    ckafka source then notices the new topic ids and reads the new logs from their beginning.
+    """
+
+    def __init__(self, cfg: ServeConfig, interval_s: float = 2.0) -> None:
+        self.cfg = cfg
+        self.interval_s = interval_s
+        self.recreated: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._admin: AdminClient | None = None
+
+    def check(self) -> list[str]:
+        """Create whichever service topic is missing now; returns those created."""
+        self._admin = self._admin or admin_client(self.cfg.bootstrap, self.cfg.client_config)
+        missing = missing_topics(self.cfg.bootstrap, self.cfg.service_topics, admin=self._admin)
+        if not missing:
+            return []
+        logger.warning("topics %s are missing (broker restarted with empty memory, or deleted); re-creating them",
+                       missing)
+        for t in missing:
+            partitions = self.cfg.query_partitions if t == self.cfg.queries_topic else 1
+            create_topics(self.cfg.bootstrap, [t], partitions=partitions, client_config=self.cfg.client_config)
+        self.recreated.extend(missing)
+        return missing
+
+    def start(self) -> TopicKeeper:
+        self._thread = threading.Thread(target=self._run, name="topic-keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except EcgSearchError as e:
+                logger.warning("could not re-create topics: %s", e)
+
+
 def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | None = None) -> StreamingQuery:
     """Start the streaming query (the index must load first: fail fast rather than mid-stream)."""
     handler = handler or BatchHandler(cfg)
     index = handler.holder.current()
-    producer_for(cfg.bootstrap, cfg.client_config).list_topics(cfg.replies_topic, timeout=30)  # connect now
+    try:  # connect now, and fail clearly when the broker cannot be reached with these settings
+        handler.publisher.producer.list_topics(cfg.replies_topic, timeout=30)
+    except KafkaException as e:
+        raise BrokerError(f"cannot reach the broker at {cfg.bootstrap}: {redact(str(e.args[0]), cfg.client_config)}"
+                          " (check --bootstrap and the security settings)") from None
     reader = (spark.readStream.format(cfg.source)
               .option("kafka.bootstrap.servers", cfg.bootstrap)
               .option("subscribe", cfg.queries_topic)
@@ -232,18 +351,42 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
     return query
 
 
-def stop_gracefully(query: StreamingQuery, timeout_s: float = 30.0) -> None:
-    """Let the running micro-batch finish (its replies acknowledged), then stop the query."""
+def stop_gracefully(query: StreamingQuery, timeout_s: float = 30.0, abort: threading.Event | None = None) -> None:
+    """Let the running micro-batch finish (its replies acknowledged), then stop the query.
+
+    If it is still running after ``timeout_s`` (replies waiting for an unreachable broker), ``abort``
+    is set: the batch gives up uncommitted, and a restart replays it from the checkpoint.
+    """
+    def busy() -> bool:
+        return bool(query.isActive and query.status.get("isTriggerActive"))
+
     deadline = time.monotonic() + timeout_s
-    while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+    while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if abort is not None and busy():
+        logger.warning("the running micro-batch did not finish within %.0f s (broker unreachable?); abandoning "
+                       "it uncommitted: a restart replays it from the checkpoint", timeout_s)
+        abort.set()
+        deadline = time.monotonic() + 15.0
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
     query.stop()
 
 
 def serve(cfg: ServeConfig) -> int:
     """Run the job until SIGINT/SIGTERM (exit 0) or until the query fails (exit 1)."""
-    from streaming.broker import create_topics
+    secrets = SecretFilter(cfg.client_config)  # mask secret Kafka settings in whatever this process logs
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(secrets)
+    try:
+        return _serve(cfg)
+    finally:
+        for h in handlers:
+            h.removeFilter(secrets)
 
+
+def _serve(cfg: ServeConfig) -> int:
     logger.info("serve settings: %s", json.dumps(cfg.redacted()))
     holder = holder_for(cfg.index)
     holder.load_initial()
@@ -260,18 +403,21 @@ def serve(cfg: ServeConfig) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     spark = spark_session(master=cfg.master, conf=dict(cfg.spark_conf))
     handler = BatchHandler(cfg, holder)
+    keeper = TopicKeeper(cfg).start() if cfg.create_topics else None
     try:
         query = start_query(spark, cfg, handler)
         while query.isActive and not stop.is_set():
             stop.wait(1.0)
-        failure = query.exception()
-        if failure is not None:
-            logger.error("streaming query failed: %s", failure)
+        if not stop.is_set():
+            failure = query.exception()
+            logger.error("streaming query failed: %s", redact(str(failure), cfg.client_config))
             return 1
-        stop_gracefully(query)
+        stop_gracefully(query, abort=handler.abort)
         logger.info("stopped cleanly; totals %s", json.dumps(handler.totals))
         return 0
     finally:
+        if keeper is not None:
+            keeper.stop()
         for s, h in previous.items():
             signal.signal(s, h)
         spark.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -74,7 +74,7 @@ class BatchStats:
 
 
 def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic: str, dead_letter_topic: str,
-                 limits: Limits = DEFAULT_LIMITS, params: SearchParams | None = None,
+                 limits: Limits = DEFAULT_LIMITS, params: Mapping[str, Any] | None = None,
                  received_at: datetime | None = None) -> tuple[list[Outgoing], BatchStats]:
     """Decode, validate and score ``records``; returns the messages to publish and the batch's stats."""
     received_at = received_at or datetime.now(timezone.utc)
@@ -95,7 +95,8 @@ def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic
     for (metric, mode, k, threshold), queries in groups.items():
         stats.groups += 1
         try:
-            matches = index.search(np.stack([q.sample for q in queries]), metric, mode, k, threshold, params)
+            matches = index.search(np.stack([q.sample for q in queries]), metric, mode, k, threshold,
+                                   SearchParams.for_metric(metric, **(params or {})))
         except Exception as e:  # a bug, not bad input: answer INTERNAL, keep serving
             logger.exception("scoring %d %s/%s queries failed with index %s", len(queries), metric, mode,
                              index.version)
