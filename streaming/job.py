@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -155,20 +153,16 @@ class ServeConfig:
 
 def spark_session(app: str = "ecg-streaming", master: str = "local[2]",
                   conf: Mapping[str, str] | None = None) -> SparkSession:
-    """A SparkSession tuned for low-latency micro-batches, with the ``ckafka`` source registered."""
-    from pyspark.sql import SparkSession
-
+    """The project's SparkSession tuned for low-latency micro-batches, with the ``ckafka`` source registered."""
+    from batch_index.spark_job import spark_session as base_session
     from streaming.kafka_source import KafkaDataSource
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers must import this package
-    builder = (SparkSession.builder.appName(app).master(master)
-               .config("spark.ui.enabled", "false")
-               .config("spark.python.worker.reuse", "true")  # off: ~5 s per batch (KAFKA.md)
-               .config("spark.sql.shuffle.partitions", "2")
-               .config("spark.sql.streaming.stopGracefullyOnShutdown", "true"))
-    for k, v in (conf or {}).items():
-        builder = builder.config(k, v)
-    spark = builder.getOrCreate()
+    spark = base_session(master, app_name=app, conf={
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "2",
+        "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        **(conf or {}),
+    })
     spark.sparkContext.setLogLevel("WARN")
     spark.dataSource.register(KafkaDataSource)
     return spark
