@@ -114,7 +114,8 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
                               kmeans=cfg.kmeans, seed=shard_seed(cfg.seed, shard))
             trees[space] = tree.to_bytes()
             graphs[space] = build_graph(pts, degree=cfg.graph_degree, cluster_size=cfg.graph_cluster_size,
-                                         seed=shard_seed(cfg.seed, shard))
+                                         seed=shard_seed(cfg.seed, shard),
+                                         inner_product_cols=z.shape[1] if space == "dot" else 0)
     info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)
