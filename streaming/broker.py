@@ -207,6 +207,21 @@ def redact(text: str, client_config: Mapping[str, str] | None) -> str:
     return text
 
 
+class SecretFilter(logging.Filter):
+    """Masks the values of secret Kafka settings in every log record that passes a handler."""
+
+    def __init__(self, client_config: Mapping[str, str] | None) -> None:
+        super().__init__()
+        self.client_config = dict(client_config or {})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        masked = redact(text, self.client_config)
+        if masked != text:
+            record.msg, record.args = masked, None
+        return True
+
+
 def is_secret_key(key: str) -> bool:
     """Kafka/JAAS settings whose values must never be logged (passwords, private keys, tokens, JAAS lines)."""
     k = key.lower().removeprefix("kafka.")

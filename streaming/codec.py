@@ -68,6 +68,7 @@ class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_k: int = 1000
     reply_topic_pattern: re.Pattern[str] = TOPIC_NAME  # fullmatch; narrow it to stop senders picking topics
+    reserved_topics: frozenset[str] = frozenset()  # never a reply topic (the service's queries, dead letters)
 
 
 DEFAULT_LIMITS: Final[Limits] = Limits()
@@ -185,6 +186,9 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
     if reply_topic is not None and not limits.reply_topic_pattern.fullmatch(reply_topic):
         return err(ErrorCode.BAD_REPLY_TOPIC, f"reply topic {reply_topic[:300]!r} is not allowed "
                    f"(must match {limits.reply_topic_pattern.pattern!r})", reply_topic=None)
+    if reply_topic in limits.reserved_topics:
+        return err(ErrorCode.BAD_REPLY_TOPIC, f"reply topic {reply_topic!r} is one of the service's own input "
+                   "topics; leave it empty to get the reply on the service's reply topic", reply_topic=None)
     if metric not in METRICS:
         return err(ErrorCode.UNKNOWN_METRIC, f"unknown metric {metric[:100]!r}; expected one of "
                    f"{', '.join(METRICS)}")

@@ -33,6 +33,11 @@ Loader = Callable[[Path], SearchIndex]
 def resolve_index(path: str | Path) -> Path:
     """The version directory that ``path`` designates now (follows ``CURRENT`` files and symlinks)."""
     p = Path(path)
+    if not p.exists():
+        raise IndexFormatError(f"index path {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise IndexFormatError(f"index path {str(p)!r} is not a directory; expected an index directory or a "
+                               f"directory holding a {POINTER_FILE} file that names one")
     pointer = p / POINTER_FILE
     if pointer.is_file():
         try:
@@ -45,9 +50,9 @@ def resolve_index(path: str | Path) -> Path:
         if not Path(name).is_absolute() and target.parent != p.resolve():
             raise IndexFormatError(f"index pointer {str(pointer)!r} names {name!r}; expected a directory "
                                    f"directly inside {str(p)!r} (or an absolute path)")
+        if not target.is_dir():
+            raise IndexFormatError(f"index pointer {str(pointer)!r} names {name!r}, which is not a directory")
         return target
-    if not p.exists():
-        raise IndexFormatError(f"index path {str(p)!r} does not exist")
     return p.resolve()
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ Row = tuple[bytes | None, bytes | None, str, int, int, datetime | None, int]
 _NO_META: Final[tuple[str | None, int]] = (None, 0)
 
 
+class SourceConfigError(ValueError):
+    """The source's options (or the Kafka settings passed through them) are unusable."""
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """The source's options (Spark Kafka names where one exists)."""
@@ -85,10 +90,10 @@ class SourceOptions:
         bootstrap = opts.get("kafka.bootstrap.servers")
         topics = tuple(t.strip() for t in opts.get("subscribe", "").split(",") if t.strip())
         if not bootstrap or not topics:
-            raise ValueError("the ckafka source needs options kafka.bootstrap.servers and subscribe")
+            raise SourceConfigError("the ckafka source needs options kafka.bootstrap.servers and subscribe")
         starting = opts.get("startingoffsets", "earliest")
         if starting not in ("earliest", "latest"):
-            raise ValueError(f"startingOffsets must be 'earliest' or 'latest', got {starting!r}")
+            raise SourceConfigError(f"startingOffsets must be 'earliest' or 'latest', got {starting!r}")
         client = {k.removeprefix("kafka."): v for k, v in opts.items()
                   if k.startswith("kafka.") and k != "kafka.bootstrap.servers"}
         ints = {name: int(opts[key]) for key, name in (("maxoffsetspertrigger", "max_per_trigger"),
@@ -97,7 +102,7 @@ class SourceOptions:
                                                        ("readtimeoutms", "read_timeout_ms")) if key in opts}
         for name, value in ints.items():
             if value < (0 if name == "idle_wait_ms" else 1):
-                raise ValueError(f"source option {name} must be positive, got {value}")
+                raise SourceConfigError(f"source option {name} must be positive, got {value}")
         return cls(bootstrap, topics, starting, client=client, **ints)
 
 
@@ -148,20 +153,26 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
     @property
     def consumer(self) -> Consumer:
         if self._consumer is None:
-            self._consumer = Consumer({
-                "bootstrap.servers": self.opts.bootstrap, "group.id": "ecg-streaming-source",
-                "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10, "fetch.message.max.bytes": 8 << 20,
-                "logger": logging.getLogger("streaming.kafka_source.librdkafka"), **self.opts.client})
+            self._consumer = self._client(Consumer, {
+                "group.id": "ecg-streaming-source", "enable.auto.commit": False, "enable.partition.eof": True,
+                "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10, "fetch.message.max.bytes": 8 << 20})
         return self._consumer
 
     @property
     def admin(self) -> AdminClient:
         if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self.opts.bootstrap,
-                                       "logger": logging.getLogger("streaming.kafka_source.librdkafka"),
-                                       **self.opts.client})
+            self._admin = self._client(AdminClient, {})
         return self._admin
+
+    def _client(self, kind: type[Any], defaults: dict[str, Any]) -> Any:
+        """A Kafka client with the user's settings on top; settings librdkafka rejects fail the query."""
+        _worker_logging(self.opts.client)
+        try:
+            return kind({"bootstrap.servers": self.opts.bootstrap, **defaults,
+                         "logger": logging.getLogger("streaming.kafka_source.librdkafka"), **self.opts.client})
+        except KafkaException as e:  # not chained: librdkafka may echo a rejected value, which may be a secret
+            raise SourceConfigError(f"the ckafka source cannot create its Kafka {kind.__name__}: "
+                                    f"{_redact(str(e.args[0]), self.opts.client)}") from None
 
     # ---- SimpleDataSourceStreamReader --------------------------------------------------------------
     def initialOffset(self) -> Offsets:
@@ -281,8 +292,9 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         if not self._topic_ids:
             return self._listed_topics(strict=strict)
         out: dict[str, TopicState] = {}
+        admin = self.admin  # outside the try: invalid settings are not an outage
         try:
-            futures = self.admin.describe_topics(TopicCollection(list(self.opts.topics)), request_timeout=timeout)
+            futures = admin.describe_topics(TopicCollection(list(self.opts.topics)), request_timeout=timeout)
             for t, fut in futures.items():
                 try:
                     d = fut.result(timeout + 1.0)
@@ -311,8 +323,9 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
 
     def _listed_topics(self, *, strict: bool) -> dict[str, TopicState] | None:
         """Like :meth:`_topics` for brokers without topic ids (plain metadata)."""
+        consumer = self.consumer
         try:
-            md = self.consumer.list_topics(timeout=self.opts.read_timeout_ms / 1000)
+            md = consumer.list_topics(timeout=self.opts.read_timeout_ms / 1000)
         except KafkaException as e:
             if strict:
                 raise
@@ -385,6 +398,33 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                 if stop_at is not None and off + 1 >= stop_at.get(tp, 0):
                     got.done.add(tp)
         return got
+
+
+def _redact(text: str, client: Mapping[str, str]) -> str:
+    from streaming.broker import redact  # here: the broker module is not needed by readers otherwise
+
+    return redact(text, client)
+
+
+def _worker_logging(client: Mapping[str, str]) -> None:
+    """Give this module's logs a format in Spark's Python workers, where no ``main()`` configured logging.
+
+    The driver's ``python -m streaming`` configures the root logger; a worker process started by the
+    JVM has none, and Python's last-resort handler would print bare messages. The level follows
+    ``$ECG_LOG_LEVEL`` (the CLI exports its ``--log-level``), WARNING by default. Secret values of the
+    Kafka settings are masked, as in the driver.
+    """
+    from streaming.broker import SecretFilter
+
+    top = logging.getLogger("streaming")
+    if logging.getLogger().handlers or top.handlers:  # a process whose main() set logging up (and its filters)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [spark python worker]: %(message)s"))
+    handler.addFilter(SecretFilter(client))
+    top.addHandler(handler)
+    top.setLevel(os.environ.get("ECG_LOG_LEVEL", "WARNING").upper())
+    top.propagate = False
 
 
 def _positions(offsets: Offsets) -> dict[TP, int]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from batch_index.errors import EcgSearchError
 from streaming.broker import BrokerError, redact
 from streaming.scoring import Outgoing
 
@@ -99,13 +99,19 @@ class DeliveryReport:
     attempts: int = 0
 
 
+class DeliveryAborted(EcgSearchError):
+    """Delivery was abandoned on request (shutdown while the broker is away); the batch is replayed."""
+
+
 def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, service_topics: Collection[str] = (),
-            retry_backoff_s: float = 1.0) -> DeliveryReport:
+            retry_backoff_s: float = 1.0, abort: threading.Event | None = None) -> DeliveryReport:
     """Produce ``messages`` and wait until each is acknowledged or known undeliverable.
 
     ``service_topics`` are retried whatever the error (see the module docstring); a bare
-    ``Producer`` (tests) is used as is, never renewed.
+    ``Producer`` (tests) is used as is, never renewed. Setting ``abort`` makes a waiting delivery
+    raise :class:`DeliveryAborted` (its micro-batch is then not committed, so nothing is lost).
     """
+    abort = abort or threading.Event()
     report = DeliveryReport()
     pending = list(messages)
     backoff = retry_backoff_s
@@ -116,7 +122,8 @@ def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, se
         for m in pending:
             _produce(producer, m, failed, report)
         while producer.flush(1.0) > 0:  # wait for every ack (or per-message timeout) of this attempt
-            pass
+            if abort.is_set():
+                raise DeliveryAborted(f"delivery of {len(pending)} messages abandoned: stopping")
         retry = []
         for m, err in failed:
             if _retriable(err, m.topic in service_topics):
@@ -130,7 +137,8 @@ def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, se
                            len(pending), first, backoff, report.attempts + 1)
             if isinstance(publisher, Publisher):
                 publisher.renew(f"{len(retry)} messages not acknowledged: {first.str()}")
-            time.sleep(backoff)
+            if abort.wait(backoff):
+                raise DeliveryAborted(f"delivery of {len(retry)} messages abandoned: stopping")
             backoff = min(backoff * 2, MAX_BACKOFF_S)
         pending = retry
     return report

@@ -1,0 +1,298 @@
+"""Fault-injection helpers shared by the reliability tests and ``tools/fault_injection.py``.
+
+- :func:`hostile_messages`: a reproducible mix of messages the service must contain (random bytes,
+  truncated Avro, valid Avro of other schemas, wrong lengths, NaN/inf, k out of range, unknown metric
+  or mode, empty and oversize messages, ...), each with the error codes it may earn and the
+  correlation id its error reply must carry (None: the sender cannot be named, dead letter only).
+- :class:`ServeProcess`: ``python -m streaming serve`` as a child process in its own process group,
+  so that a SIGKILL takes the Python driver, its JVM and Spark's Python workers down together (a
+  crashed container), and so that their memory can be summed (:meth:`ServeProcess.rss_bytes`).
+
+Nothing in the service imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Final
+
+import fastavro
+import numpy as np
+
+import schemas
+from streaming.codec import MAX_CORRELATION_ID, encode_query
+
+HOSTILE_KINDS: Final[tuple[str, ...]] = (
+    "random_bytes", "truncated", "other_schema_result", "other_schema_dead_letter", "unknown_fingerprint",
+    "headerless_avro", "wrong_length", "nan", "inf", "huge_k", "negative_k", "zero_k", "unknown_metric",
+    "unknown_mode", "empty", "tombstone", "oversize", "long_correlation_id", "bad_threshold", "bad_reply_topic",
+    "reserved_reply_topic", "trailing_bytes", "bad_utf8_id", "huge_array_block", "keyless_garbage",
+)
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One hostile message and what the service must make of it."""
+
+    kind: str
+    key: bytes | None
+    value: bytes | None
+    codes: frozenset[str]   # the error codes it may be rejected with
+    reply_id: str | None    # the correlation id of its error reply; None = dead letter only
+
+    @property
+    def size(self) -> int:
+        return len(self.value or b"") + len(self.key or b"")
+
+
+def hostile_messages(n: int, *, dim: int, max_bytes: int, max_k: int, queries_topic: str, seed: int = 0,
+                     id_prefix: str = "hostile") -> list[Hostile]:
+    """``n`` hostile messages cycling through :data:`HOSTILE_KINDS` (same seed, same bytes)."""
+    rng = np.random.default_rng(seed)
+    return [_hostile(HOSTILE_KINDS[i % len(HOSTILE_KINDS)], f"{id_prefix}-{i}", rng, dim, max_bytes, max_k,
+                     queries_topic) for i in range(n)]
+
+
+def _hostile(kind: str, cid: str, rng: np.random.Generator, dim: int, max_bytes: int, max_k: int,
+             queries_topic: str) -> Hostile:
+    sample = rng.normal(0, 1, dim).astype(np.float32)
+    key = cid.encode()
+
+    def q(**kw: object) -> bytes:
+        args = {"metric": "cosine", "k": 5, "mode": "exact", **kw}
+        return encode_query(str(args.pop("cid", cid)), args.pop("sample", sample), **args)  # type: ignore[arg-type]
+
+    def h(value: bytes | None, *codes: str, reply: str | None = cid, k: bytes | None = key) -> Hostile:
+        return Hostile(kind, k, value, frozenset(codes), reply)
+
+    if kind == "random_bytes":
+        raw = rng.bytes(int(rng.integers(1, 2000)))
+        return h(b"\x00" + raw[1:] if raw[:1] == schemas.MAGIC[:1] else raw, "UNDECODABLE")
+    if kind == "truncated":
+        raw = q()
+        return h(raw[:int(rng.integers(1, len(raw)))], "UNDECODABLE")
+    if kind == "other_schema_result":
+        now = datetime.now(timezone.utc)
+        return h(schemas.encode("result", {"correlation_id": cid, "status": "ok", "matches": [],
+                                           "received_at": now, "scored_at": now}), "UNKNOWN_SCHEMA")
+    if kind == "other_schema_dead_letter":
+        return h(schemas.encode("dead_letter", {"value": b"x", "topic": "t", "partition": 0, "offset": 1,
+                                                "error_code": "X", "reason": "y",
+                                                "failed_at": datetime.now(timezone.utc)}), "UNKNOWN_SCHEMA")
+    if kind == "unknown_fingerprint":
+        return h(schemas.MAGIC + rng.bytes(8) + q()[schemas.HEADER_LEN:], "UNKNOWN_SCHEMA")
+    if kind == "headerless_avro":  # a valid query body without the single-object header
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schemas.load_schema("query"), {
+            "correlation_id": cid, "sample": sample.tolist(), "metric": "cosine", "k": 5, "mode": "exact",
+            "threshold": None, "reply_topic": None, "sent_at": datetime.now(timezone.utc)})
+        return h(buf.getvalue(), "UNDECODABLE")
+    if kind == "wrong_length":
+        n = int(rng.integers(0, 2 * dim))
+        n = n + 1 if n == dim else n
+        return h(q(sample=rng.normal(0, 1, n).astype(np.float32)), "BAD_LENGTH")
+    if kind in ("nan", "inf"):
+        bad = sample.copy()
+        bad[int(rng.integers(dim))] = np.nan if kind == "nan" else rng.choice([np.inf, -np.inf])
+        return h(q(sample=bad), "NON_FINITE")
+    if kind == "huge_k":
+        return h(q(k=int(rng.choice([max_k + 1, 10**6, 2**31 - 1]))), "BAD_K")
+    if kind == "negative_k":
+        return h(q(k=int(rng.choice([-1, -5, -(2**31)]))), "BAD_K")
+    if kind == "zero_k":
+        return h(q(k=0), "BAD_K")
+    if kind == "unknown_metric":
+        return h(q(metric=str(rng.choice(["hamming", "", "COSINE", "cosine ", "dtw", "\u00e9uclidean"]))),
+                 "UNKNOWN_METRIC")
+    if kind == "unknown_mode":
+        return h(q(mode=str(rng.choice(["lsh", "", "EXACT", "ivf", "hnsw"]))), "UNKNOWN_MODE")
+    if kind == "empty":
+        return h(b"", "UNDECODABLE")
+    if kind == "tombstone":
+        return h(None, "UNDECODABLE")
+    if kind == "oversize":
+        per_float = 4
+        n = (max_bytes + int(rng.integers(1, 4096))) // per_float + 1
+        return h(q(sample=rng.normal(0, 1, n).astype(np.float32)), "OVERSIZE")
+    if kind == "long_correlation_id":
+        long_id = cid + "x" * (MAX_CORRELATION_ID + 1 - len(cid))
+        return h(q(cid=long_id), "BAD_CORRELATION_ID", reply=None, k=long_id.encode())
+    if kind == "bad_threshold":
+        return h(q(threshold=float("nan")), "BAD_THRESHOLD")
+    if kind == "bad_reply_topic":
+        return h(q(reply_topic=str(rng.choice(["no spaces allowed", "", "x" * 300, "a/b", "..\u00e9"]))),
+                 "BAD_REPLY_TOPIC")
+    if kind == "reserved_reply_topic":
+        return h(q(reply_topic=queries_topic), "BAD_REPLY_TOPIC")
+    if kind == "trailing_bytes":
+        return h(q() + rng.bytes(int(rng.integers(1, 16))), "UNDECODABLE")
+    if kind == "bad_utf8_id":
+        raw = bytearray(q(cid="u" * 8))
+        raw[schemas.HEADER_LEN + 1:schemas.HEADER_LEN + 9] = b"\xff" * 8  # after the length byte
+        return h(bytes(raw), "UNDECODABLE")
+    if kind == "huge_array_block":
+        raw = q()
+        head = schemas.HEADER_LEN + 1 + len(cid.encode())  # past the correlation id
+        return h(raw[:head] + _zigzag(1 << 40) + raw[head + 3:head + 200], "UNDECODABLE")
+    if kind == "keyless_garbage":
+        return h(b"\x01" + rng.bytes(int(rng.integers(1, 64))), "UNDECODABLE", reply=None, k=None)
+    raise ValueError(f"unknown hostile kind {kind!r}")
+
+
+def _zigzag(n: int) -> bytes:
+    z, out = (n << 1) ^ (n >> 63), bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+class ServeProcess:
+    """``python -m streaming serve ARGS`` in its own process group, its output appended to ``log``."""
+
+    def __init__(self, args: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.args = list(args)
+        self.log = log
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+
+    def start(self) -> ServeProcess:
+        self._out = open(self.log, "ab")
+        self._out.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
+        self._out.flush()
+        self.proc = subprocess.Popen([sys.executable, "-m", "streaming", "serve", *self.args], cwd=self.cwd,
+                                     env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pids(self) -> list[int]:
+        """Every live process of this serve's process group (driver, JVM, Python workers)."""
+        if self.proc is None:
+            return []
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # pgrp; not a zombie
+                    out.append(int(d.name))
+        return out
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the whole process group now (the sum over its processes)."""
+        return sum(self.rss_by_role().values())
+
+    def rss_by_role(self) -> dict[str, int]:
+        """Resident memory now by role: ``driver``, ``jvm``, ``source`` (Spark's streaming source
+        runner, where the Kafka reader lives) and ``workers`` (Spark's other Python workers)."""
+        out: dict[str, int] = {}
+        for pid in self.pids():
+            try:
+                rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, StopIteration):
+                continue
+            role = ("driver" if self.proc is not None and pid == self.proc.pid else "jvm" if "java" in cmd
+                    else "source" if "streaming_source_runner" in cmd else "workers")
+            out[role] = out.get(role, 0) + rss
+        return out
+
+    def kill(self, *, driver_only: bool = False, drain_s: float = 20.0) -> None:
+        """SIGKILL: the whole group, or only the Python driver (then its JVM must exit by itself)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        if driver_only:
+            self.proc.kill()
+            self.proc.wait()
+            deadline = time.monotonic() + drain_s
+            while self.pids() and time.monotonic() < deadline:  # the JVM notices its parent is gone
+                time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + drain_s
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._close()
+
+    def stop(self, timeout: float = 90.0) -> int:
+        """SIGTERM and wait for a clean exit (SIGKILL of the group after ``timeout``); the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        rc = self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers, if any
+        except ProcessLookupError:
+            pass
+        self._close()
+        return rc
+
+    def _close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class RssSampler:
+    """Samples :meth:`ServeProcess.rss_bytes` every ``interval_s`` in a thread; keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self.peak_by_role: dict[str, int] = {}
+        self.samples: list[tuple[float, int]] = []
+        self.target: ServeProcess | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            if self.target is not None and self.target.alive:
+                by_role = self.target.rss_by_role()
+                rss = sum(by_role.values())
+                if rss > self.peak:
+                    self.peak, self.peak_by_role = rss, by_role
+                self.samples.append((time.monotonic() - t0, rss))
