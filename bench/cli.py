@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--margin", type=float, default=rc.margin,
                    help="recommended defaults reach target + margin (default %(default)s)")
     r.add_argument("--stride", type=float, default=rc.stride_s, help="real-record window stride in s")
-    r.add_argument("--wfdb-dir", type=Path, default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+    r.add_argument("--wfdb-dir", type=Path,
+                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
                    help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
 
     s = sub.add_parser("scaling", help="study 2: build time, peak memory, query time at fixed recall vs N")
@@ -137,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             scaling.run(scaling.ScalingConfig(
                 sizes=args.sizes, n_queries=args.queries, metrics=parse_metrics(args.metrics), efs=args.ef,
-                n_probe=args.n_probe, target=args.target, repeats=args.repeats, seed=args.seed, workdir=args.workdir, out=args.out),
+                n_probe=args.n_probe, target=args.target, repeats=args.repeats, seed=args.seed,
+                workdir=args.workdir, out=args.out),
                 _command(argv))
             return 0
         if args.study == "distributed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -92,15 +93,24 @@ def disk_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def _git() -> str:
+def _git(*args: str) -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
+        return ""
+
+
+def code_version() -> dict[str, str]:
+    """The commit, and a hash of the ``batch_index`` sources as they are now (others may edit the tree)."""
+    h = hashlib.sha256()
+    for p in sorted((REPO / "batch_index").glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    dirty = _git("status", "--porcelain", "--", "batch_index", "bench")
+    return {"commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+            "batch_index_sha256": h.hexdigest()[:16],
+            "uncommitted": " ".join(sorted({line.split()[-1] for line in dirty.splitlines() if line.strip()}))
+            or "none"}
 
 
 def machine_info() -> dict[str, Any]:
@@ -139,7 +149,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "blas_openmp": blas,
-        "commit": _git(),
+        "code": code_version(),
     }
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,8 @@ class RecallConfig:
     k: int = 10
     datasets: tuple[str, ...] = ("synthetic", "real")
     metrics: tuple[str, ...] = METRICS
-    sweep: Sweep = Sweep()
-    perturb: Perturb = Perturb()
+    sweep: Sweep = field(default_factory=Sweep)
+    perturb: Perturb = field(default_factory=Perturb)
     cells: tuple[Cell, ...] = ((1, "single"), (1, "batch"), (2, "batch"))
     build_threads: int = 2
     repeats: int = 3
@@ -78,8 +78,11 @@ def evaluate(ds: Dataset, metric: str, configs: list[Config], cfg: RecallConfig)
         truth = {qs: found_scores(q, ds.corpus, configs[0].search(q), metric) for qs, q in ds.queries.items()}
     for c in configs:
         for qs, q in ds.queries.items():
-            with capped_threads(top):
-                got = found_scores(q, ds.corpus, c.search(q), metric)
+            if c is configs[0]:
+                got = truth[qs]
+            else:
+                with capped_threads(top):
+                    got = found_scores(q, ds.corpus, c.search(q), metric)
             r = recall_at_k(got, truth[qs])
             rows.append({"dataset": ds.name, "n": len(ds.corpus), "query_set": qs, "n_queries": len(q),
                          "metric": metric, "system": c.system, "params": c.params, "recall": float(r.mean()),
@@ -117,7 +120,7 @@ def run_dataset(ds: Dataset, cfg: RecallConfig) -> list[dict[str, Any]]:
     rows = []
     for metric in cfg.metrics:
         t0 = time.perf_counter()
-        configs = ours(index, metric, cfg.k, cfg.sweep, build_s) + [numpy_brute(ds.corpus, metric, cfg.k)]
+        configs = [*ours(index, metric, cfg.k, cfg.sweep, build_s), numpy_brute(ds.corpus, metric, cfg.k)]
         if cfg.faiss:
             with capped_threads(cfg.build_threads):
                 configs += faiss_systems(ds.corpus, metric, cfg.k, cfg.sweep, cfg.seed)

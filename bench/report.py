@@ -17,7 +17,8 @@ from bench.systems import FAISS, FAISS_METRIC, SYSTEMS
 logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
-COLOURS = {"exact": "black", "transform": "tab:olive", "hkmeans": "tab:red", "numpy": "tab:gray",
+COLOURS = {"exact": "black", "transform": "tab:olive", "hkmeans": "tab:red", "hkmeans-default": "tab:orange",
+           "numpy": "tab:gray",
            "faiss-flat": "tab:purple", "faiss-ivf": "tab:blue", "faiss-hnsw": "tab:green"}
 
 
@@ -171,6 +172,7 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
                                  ", ".join(f"{q} {v:.3f}" for q, v in rec["recall"].items()),
                                  ", ".join(f"{q} {fmt(v)}" for q, v in qps.items())])
     md += [table(["dataset", "metric", "mode", "parameters", "recall@10", primary], rec_rows), ""]
+    md += _sweep_tables(rows, datasets, primary)
 
     for ds in datasets:
         sub_ds = select(rows, dataset=ds)
@@ -207,6 +209,28 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
     return path
 
 
+def _sweep_tables(rows: list[Row], datasets: dict[str, str], y: str) -> list[str]:
+    """hkmeans recall and q/s per configuration: what the defaults are chosen from."""
+    md = []
+    for ds in datasets:
+        sub = [r for r in select(rows, dataset=ds) if r["system"] in ("hkmeans", "hkmeans-default")]
+        metrics = list(dict.fromkeys(r["metric"] for r in sub))
+        qsets = list(dict.fromkeys(r["query_set"] for r in sub))
+        configs = list(dict.fromkeys((r["system"], r["params"]) for r in sub))
+        cell = {(r["system"], r["params"], r["metric"], r["query_set"]): r for r in sub}
+        body = []
+        for system, params in configs:
+            line: list[Any] = [("default " if system != "hkmeans" else "") + params]
+            for m in metrics:
+                got = [cell.get((system, params, m, q)) for q in qsets]
+                line.append(" / ".join(fmt(r["recall"]) if r else "" for r in got) + "; " +
+                            " / ".join(fmt(r[y]) if r else "" for r in got) if any(got) else "")
+            body.append(line)
+        md += [f"### hkmeans sweep, {ds}: recall@10 ({' / '.join(qsets)}); {y} ({' / '.join(qsets)})", "",
+               table(["params", *metrics], body), ""]
+    return md
+
+
 def fit_exponent(n: list[float], y: list[float]) -> float:
     """Slope b of log y = a + b log n (least squares); nan with fewer than two sizes."""
     ok = [(a, b) for a, b in zip(n, y) if a > 0 and b > 0 and math.isfinite(b)]
@@ -215,4 +239,5 @@ def fit_exponent(n: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.log([a for a, _ in ok]), np.log([b for _, b in ok]), 1)[0])
 
 
-__all__ = ["best_at", "fit_exponent", "fmt", "header", "pareto", "plot", "recommend", "table", "write_csv", "write_recall"]
+__all__ = ["best_at", "fit_exponent", "fmt", "header", "pareto", "plot", "recommend", "table", "write_csv",
+           "write_recall"]

@@ -8,6 +8,8 @@ Ours (``exact``, ``transform``, ``hkmeans``) share one index built for all four 
 - manhattan: ``METRIC_L1``, which FAISS supports for flat, IVF-flat and HNSW-flat (IVF trains its
   coarse k-means in L2 and assigns lists by L1)
 - dot: inner product
+
+``hkmeans-default`` is ``SearchParams.for_metric(metric)``, the defaults the library ships.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bench.measure import F32, SearchFn, _faiss
 
 logger = logging.getLogger(__name__)
 
-OURS = ("exact", "transform", "hkmeans")
+OURS = ("exact", "transform", "hkmeans", "hkmeans-default")
 FAISS = ("faiss-flat", "faiss-ivf", "faiss-hnsw")
 SYSTEMS = (*OURS, "numpy", *FAISS)
 FAISS_METRIC = {"cosine": "inner product on normalised rows", "euclidean": "L2", "manhattan": "L1",
@@ -38,14 +40,14 @@ FAISS_METRIC = {"cosine": "inner product on normalised rows", "euclidean": "L2",
 class Sweep:
     """Parameters swept per system (every value is one configuration)."""
 
-    ef: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    n_probe: tuple[int, ...] = (1, 2)
-    rerank: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    ivf_nprobe: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    ef: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    n_probe: tuple[int, ...] = (1,)
+    rerank: tuple[int, ...] = (32, 64, 128, 256, 512)
+    ivf_nprobe: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     ivf_nlist: int = 0  # 0: round(sqrt(n))
-    hnsw_ef: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    hnsw_ef: tuple[int, ...] = (32, 64, 128, 256, 512)
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 64
+    hnsw_ef_construction: int = 128
 
 
 @dataclass
@@ -80,9 +82,18 @@ def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) 
     out = [Config("exact", "-", fn("exact", SearchParams()), build_s, 0.0, mb(raw))]
     out += [Config("transform", f"rerank={r}", fn("transform", SearchParams(rerank=r)), build_s, mb(shared),
                    mb(shared + raw)) for r in sweep.rerank]
-    out += [Config("hkmeans", f"n_probe={p},ef={e}", fn("hkmeans", SearchParams(n_probe=p, ef=e, rerank=e)),
-                   build_s, mb(shared + own), mb(shared + own + raw)) for p in sweep.n_probe for e in sweep.ef]
+    hk = [SearchParams(n_probe=p, ef=e, rerank=e) for p in sweep.n_probe for e in sweep.ef]
+    out += [Config("hkmeans", _label(p), fn("hkmeans", p), build_s, mb(shared + own), mb(shared + own + raw))
+            for p in hk]
+    if hasattr(SearchParams, "for_metric"):  # the library's own per-metric default, as shipped
+        p = SearchParams.for_metric(metric)
+        out.append(Config("hkmeans-default", _label(p), fn("hkmeans", p), build_s, mb(shared + own),
+                          mb(shared + own + raw)))
     return out
+
+
+def _label(p: SearchParams) -> str:
+    return f"n_probe={p.n_probe},ef={p.ef},rerank={p.rerank}"
 
 
 def _normalise(x: F32) -> F32:

@@ -46,13 +46,14 @@ def test_recommend_takes_the_smallest_ef_good_on_every_query_set():
     assert report.recommend(rows, "hkmeans", ("ef", "n_probe"), 0.999) is None
 
 
-def test_perturb_is_deterministic_and_small():
+def test_perturb_is_deterministic_and_only_shifts_scales_and_adds_noise():
     x = synthetic(20, 4).corpus
-    p = Perturb()
-    y = p.apply(x, seed=3)
+    y = Perturb().apply(x, seed=3)
     assert y.shape == x.shape and y.dtype == np.float32
-    np.testing.assert_array_equal(y, p.apply(x, seed=3))
-    assert np.all(np.corrcoef(x, y)[np.arange(20), np.arange(20) + 20] > 0.8)
+    np.testing.assert_array_equal(y, Perturb().apply(x, seed=3))
+    np.testing.assert_array_equal(Perturb(max_shift=0, gain=(1, 1), noise=0).apply(x, seed=3), x)
+    shifted = Perturb(max_shift=2, gain=(1, 1), noise=0).apply(x, seed=3)
+    assert all(any(np.array_equal(s[2:-2], r[2 - d:len(r) - 2 - d]) for d in range(-2, 3)) for s, r in zip(shifted, x))
 
 
 def test_real_record_queries_share_no_sample_with_the_corpus(wfdb_dir):
@@ -97,7 +98,7 @@ def test_scaling_study_builds_in_subprocesses(tmp_path):
     scaling.run(cfg, "pytest")
     builds = read_csv(tmp_path / "out" / "build.csv")
     assert [int(b["n"]) for b in builds] == [200, 400]
-    assert all(float(b["peak_rss_mb"]) > float(b["rss_after_load_mb"]) > 0 for b in builds)
+    assert all(float(b["peak_rss_mb"]) >= float(b["rss_after_load_mb"]) > 0 for b in builds)
     assert "Growth with N" in (tmp_path / "out" / "README.md").read_text()
 
 
