@@ -1,4 +1,4 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4).
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4); ``report`` re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--partitions", type=int, default=4, help="shards, the same for every master")
     d.add_argument("--repeats", type=int, default=2)
 
+    rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
+    rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
+
     e = sub.add_parser("e2e", help="study 3: end to end through Kafka and Spark (pending)")
     _common(e, "e2e")
     return parser
@@ -148,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.run(distributed.DistributedConfig(
                 n=args.n, masters=tuple(args.masters.split(",")), partitions=args.partitions, repeats=args.repeats,
                 seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            return 0
+        if args.study == "report":
+            from bench.report import rerender_recall
+
+            print(f"study 1 report: {rerender_recall(args.out)}")
             return 0
         from bench import e2e
 

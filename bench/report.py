@@ -142,6 +142,9 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
     """Study 1's CSV, plots and README.md; returns the README path."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
+    meta = {"command": command, "machine": machine, "params": params, "datasets": datasets, "primary": primary,
+            "cells": cells, "target": target, "margin": margin}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     md = header("Study 1: recall@10 vs queries/s", command, machine, params)
     md += ["How to read: recall@10 against our `exact` mode (a returned row counts when its exact score is at least "
            "the 10th true score, as in ann-benchmarks). Queries/s columns: `qps_<threads>t_<style>`, `single` = one "
@@ -150,7 +153,10 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
            f"Plots and the Pareto frontier use `{primary}`. Our index serves all four metrics from one build, "
            "so its build time is that of the whole index; FAISS and numpy build one index per metric. Index MB: "
            "excluding / including the raw vectors kept (for our re-ranking, or as FAISS's flat storage). "
-           "FAISS metrics: " + "; ".join(f"{m}: {v}" for m, v in FAISS_METRIC.items()) + ".", ""]
+           "FAISS metrics: " + "; ".join(f"{m}: {v}" for m, v in FAISS_METRIC.items()) + ". `hkmeans-default` is "
+           "`SearchParams.for_metric(metric)` as shipped. On a 2-core machine shared with other work, the 2-thread "
+           "cells suffer most from other load (see the load averages in the details); compare systems within a "
+           "column, never across runs.", ""]
     md += ["## Datasets", ""] + [f"- `{k}`: {v}" for k, v in datasets.items()] + [""]
 
     floor = target + margin
@@ -163,9 +169,12 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
             for system, keys in (("hkmeans", ("ef", "n_probe")), ("transform", ("rerank",))):
                 rec = recommend(sub, system, keys, floor)
                 if rec is None:
-                    best = max(select(sub, system=system), key=lambda r: r["recall"], default=None)
-                    rec_rows.append([ds, m, system, f"none reaches {floor:g} (best {best and best['recall']:.3f})",
-                                     "-", "-"])
+                    worst = {}
+                    for r in select(sub, system=system):
+                        worst[r["params"]] = min(worst.get(r["params"], 1.0), r["recall"])
+                    top = max(worst, key=worst.get, default=None)
+                    rec_rows.append([ds, m, system, f"none reaches {floor:g} on every query set"
+                                     + (f" (best: {top}, worst set {worst[top]:.3f})" if top else ""), "-", "-"])
                     continue
                 qps = {r["query_set"]: r[primary] for r in rec["rows"]}
                 rec_rows.append([ds, m, system, rec["params"],
@@ -231,6 +240,26 @@ def _sweep_tables(rows: list[Row], datasets: dict[str, str], y: str) -> list[str
     return md
 
 
+def read_csv(path: Path) -> list[Row]:
+    """Rows of a results CSV with numbers parsed back into int / float."""
+    def parse(v: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with path.open() as f:
+        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def rerender_recall(out: Path) -> Path:
+    """Rewrite study 1's README and plots from its ``results.csv`` and ``meta.json`` (no re-measuring)."""
+    meta = json.loads((out / "meta.json").read_text())
+    return write_recall(read_csv(out / "results.csv"), out, **meta)
+
+
 def fit_exponent(n: list[float], y: list[float]) -> float:
     """Slope b of log y = a + b log n (least squares); nan with fewer than two sizes."""
     ok = [(a, b) for a, b in zip(n, y) if a > 0 and b > 0 and math.isfinite(b)]
@@ -239,5 +268,5 @@ def fit_exponent(n: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.log([a for a, _ in ok]), np.log([b for _, b in ok]), 1)[0])
 
 
-__all__ = ["best_at", "fit_exponent", "fmt", "header", "pareto", "plot", "recommend", "table", "write_csv",
-           "write_recall"]
+__all__ = ["best_at", "fit_exponent", "fmt", "header", "pareto", "plot", "read_csv", "recommend", "rerender_recall",
+           "table", "write_csv", "write_recall"]
