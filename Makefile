@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v java >/dev/null 2>&1 || { echo "error: Java (17 or newer) is required by Spark but 'java' is not on PATH; install a JDK 17 (e.g. apt-get install openjdk-17-jre-headless) and retry" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,plot]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
