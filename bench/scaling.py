@@ -1,8 +1,9 @@
 """Study 2, scaling: build time, peak memory and query time at fixed recall as the corpus grows.
 
 Each build runs in a fresh subprocess (``python -m bench.scaling --child ...``) so its peak RSS
-(``ru_maxrss``) is its own; queries are then timed in this process, one at a time on one thread, at the
-smallest ``ef`` (= rerank) of the ladder that reaches the recall target, next to exact search.
+(``ru_maxrss``) is its own; queries are then timed in this process on one thread (one call per query,
+and one call for all) at the smallest ``ef`` (= rerank) of the ladder that reaches the recall target,
+next to exact search.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from batch_index.search import SearchIndex, SearchParams
 from batch_index.synth import row_id
 from bench import report
 from bench.data import _synthetic_rows
-from bench.measure import REPO, capped_threads, disk_mb, found_scores, machine_info, median_qps, recall_at_k, time_pass
+from bench.measure import (
+    REPO,
+    STYLES,
+    capped_threads,
+    disk_mb,
+    found_scores,
+    machine_info,
+    median_qps,
+    recall_at_k,
+    time_pass,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +81,17 @@ def build_in_subprocess(data: Path, out: Path, seed: int, threads: int) -> dict[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _qps(search, q: np.ndarray, cfg: ScalingConfig) -> float:
-    """Median queries/s, one at a time on one thread, over ``repeats`` passes of at least ``min_time``."""
+def _ms(search, q: np.ndarray, cfg: ScalingConfig) -> dict[str, float]:
+    """Median ms per query on one thread, one at a time (``single``) and in one call (``batch``)."""
+    out = {}
     with capped_threads(1):
-        n = min(3, len(q))
-        while (t := time_pass(search, q[:n], "single")) < cfg.min_time and n < len(q):
-            n = min(len(q), max(2 * n, int(1.2 * n * cfg.min_time / max(t, 1e-9))))
-        times = [t] + [time_pass(search, q[:n], "single") for _ in range(cfg.repeats - 1)]
-    return median_qps(n, times)
+        for style in STYLES:
+            n = min(3, len(q))
+            while (t := time_pass(search, q[:n], style)) < cfg.min_time and n < len(q):
+                n = min(len(q), max(2 * n, int(1.2 * n * cfg.min_time / max(t, 1e-9))))
+            times = [t] + [time_pass(search, q[:n], style) for _ in range(cfg.repeats - 1)]
+            out[style] = 1e3 / median_qps(n, times)
+    return out
 
 
 def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -101,18 +115,20 @@ def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[
         exact = lambda b, m=metric: index.search_arrays(b, m, "exact", cfg.k, SearchParams())[0]  # noqa: E731
         with capped_threads(cfg.build_threads):
             truth = found_scores(q, x, exact(q), metric)
-        row: dict[str, Any] = {"n": n, "metric": metric, "exact_qps": _qps(exact, q, cfg)}
+        ex = _ms(exact, q, cfg)
+        row: dict[str, Any] = {"n": n, "metric": metric, "exact_ms_single": ex["single"],
+                               "exact_ms_batch": ex["batch"]}
         for ef in cfg.efs:
             p = SearchParams(n_probe=cfg.n_probe, ef=ef, rerank=ef)
             search = lambda b, m=metric, p=p: index.search_arrays(b, m, "hkmeans", cfg.k, p)[0]  # noqa: E731
             rec = float(recall_at_k(found_scores(q, x, search(q), metric), truth).mean())
             if rec >= cfg.target or ef == cfg.efs[-1]:
-                row.update(ef=ef, recall=rec, qps=_qps(search, q, cfg))
+                ms = _ms(search, q, cfg)
+                row.update(ef=ef, recall=rec, ms_single=ms["single"], ms_batch=ms["batch"])
                 break
-        row["ms_per_query"] = 1e3 / row["qps"]
-        row["exact_ms_per_query"] = 1e3 / row["exact_qps"]
-        logger.info("N=%d %s: ef=%d recall %.3f, %.2f ms/query (exact %.1f ms)", n, metric, row["ef"],
-                    row["recall"], row["ms_per_query"], row["exact_ms_per_query"])
+        logger.info("N=%d %s: ef=%d recall %.3f, %.2f ms/query one at a time, %.2f in a batch (exact %.1f, %.1f)",
+                    n, metric, row["ef"], row["recall"], row["ms_single"], row["ms_batch"], row["exact_ms_single"],
+                    row["exact_ms_batch"])
         rows.append(row)
     return build, rows
 
@@ -138,7 +154,7 @@ def write(builds: list[dict[str, Any]], queries: list[dict[str, Any]], cfg: Scal
     params = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workdir")}
     md = report.header("Study 2: scaling with N", command, info, params)
     md += [f"Synthetic ECG, {cfg.n_queries} unseen queries; builds in a fresh subprocess each ({cfg.build_threads} "
-           f"BLAS threads), peak memory = its `ru_maxrss`; queries one at a time on 1 thread, median of "
+           f"BLAS threads), peak memory = its `ru_maxrss`; queries on 1 thread, median of "
            f"{cfg.repeats} passes, at the smallest ef (= rerank, n_probe {cfg.n_probe}) of {list(cfg.efs)} reaching "
            f"recall@{cfg.k} >= {cfg.target}. Growth exponent b: y ~ N^b fitted on log-log (10x N -> 10^b x y).", "",
            "## Build", "",
@@ -151,16 +167,19 @@ def write(builds: list[dict[str, Any]], queries: list[dict[str, Any]], cfg: Scal
             ["peak RSS", report.fit_exponent(ns, [b["peak_rss_mb"] for b in builds])],
             ["build memory on top of the loaded corpus",
              report.fit_exponent(ns, [b["peak_rss_mb"] - b["rss_after_load_mb"] for b in builds])]]
-    md += ["## Queries at fixed recall", "",
-           report.table(["N", "metric", "ef", "recall@10", "ms/query", "exact ms/query", "speed-up vs exact"],
-                        [[r["n"], r["metric"], r["ef"], r["recall"], r["ms_per_query"], r["exact_ms_per_query"],
-                          r["exact_ms_per_query"] / r["ms_per_query"]] for r in queries]), ""]
+    md += ["## Queries at fixed recall (ms per query, 1 thread: one call per query / one call for all)", "",
+           report.table(["N", "metric", "ef", "recall@10", "hkmeans single", "hkmeans batch", "exact single",
+                         "exact batch", "speed-up vs exact (single)"],
+                        [[r["n"], r["metric"], r["ef"], r["recall"], r["ms_single"], r["ms_batch"],
+                          r["exact_ms_single"], r["exact_ms_batch"], r["exact_ms_single"] / r["ms_single"]]
+                         for r in queries]), ""]
     for m in cfg.metrics:
         sub = [r for r in queries if r["metric"] == m]
-        grow.append([f"query time at recall >= {cfg.target} ({m})",
-                     report.fit_exponent([r["n"] for r in sub], [r["ms_per_query"] for r in sub])])
-        grow.append([f"exact query time ({m})",
-                     report.fit_exponent([r["n"] for r in sub], [r["exact_ms_per_query"] for r in sub])])
+        for key, what in (("ms_single", "hkmeans, one at a time"), ("ms_batch", "hkmeans, batch"),
+                          ("exact_ms_single", "exact, one at a time")):
+            grow.append([f"query time at recall >= {cfg.target}, {what} ({m})" if key != "exact_ms_single"
+                         else f"query time, {what} ({m})",
+                         report.fit_exponent([r["n"] for r in sub], [r[key] for r in sub])])
     md += ["## Growth with N", "", report.table(["quantity", "exponent b", "10x N multiplies it by"],
                                                 [[g, b, 10 ** b] for g, b in grow]), ""]
     path = out / "README.md"
