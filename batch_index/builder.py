@@ -44,6 +44,8 @@ from batch_index.tree import KMEANS_KINDS, build_tree
 
 logger = logging.getLogger(__name__)
 
+SHARD_ROWS = 131_072  # default signals per shard when a Spark build is not told how many partitions to use
+
 
 @dataclass(frozen=True)
 class BuildConfig:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch_index.builder import BuildConfig
+from batch_index.builder import SHARD_ROWS, BuildConfig
 from batch_index.errors import EcgSearchError, InvalidInputError
 from batch_index.metrics import METRICS
 from batch_index.search import DEFAULT_PARAMS, MODES, SearchParams
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", choices=("spark", "local"), default="spark",
                    help="spark (default) or local: one process, for corpora that fit in memory")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    b.add_argument("--shard-rows", type=_positive_int, default=SHARD_ROWS,
+                   help="without --partitions, one shard per this many signals, at least one per Spark core "
+                        "(default %(default)s: ~1.3 GB of 2,500-sample signals per build task)")
     _spark_flags(b)
 
     s = sub.add_parser("search", help="search every row of a Parquet query file")
@@ -214,7 +217,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         from batch_index import spark_job
 
         out = spark_job.build(_spark(args), args.input, args.output, cfg, partitions=args.partitions,
-                              sampling_rate=args.sampling_rate, overwrite=args.overwrite)
+                              shard_rows=args.shard_rows, sampling_rate=args.sampling_rate, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     print(f"index {manifest['version']}: {manifest['count']} signals x {manifest['dim']} samples, "
           f"{len(manifest['shards'])} shard(s), metrics {','.join(manifest['metrics'])}, "

@@ -319,6 +319,13 @@ class SearchIndex:
             for c, d in zip(cand, dist):
                 yield c if c.size <= rerank else c[np.argpartition(d, rerank - 1)[:rerank]]
 
+    def signals_of(self, global_rows: npt.NDArray[np.int64]) -> F32:
+        """Raw signals of global rows (any order), e.g. to re-score results outside the index."""
+        order = np.argsort(global_rows, kind="stable")
+        out = np.empty((len(global_rows), self.dim), dtype=np.float32)
+        out[order] = self._rows(np.asarray(global_rows)[order])
+        return out
+
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""
         if len(self.shards) == 1:

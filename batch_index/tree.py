@@ -119,6 +119,7 @@ def build_tree(points: F32, *, branching: int = 16, leaf_size: int = 64, max_dep
     cent: list[npt.NDArray] = [points.mean(axis=0)]
     child_start, child_count, leaf_start, leaf_count = [0], [0], [0], [0]
     order: list[I32] = []
+    placed = 0  # members already in leaves (a running total: summing ``order`` each time is quadratic)
     queue: deque[tuple[int, I32, int]] = deque([(0, np.arange(n, dtype=np.int32), 0)])
     rng = np.random.default_rng(seed)
     while queue:
@@ -127,9 +128,10 @@ def build_tree(points: F32, *, branching: int = 16, leaf_size: int = 64, max_dep
         if members.size > leaf_size and depth < max_depth:
             groups = _split(points, members, branching, kmeans, int(rng.integers(2**31 - 1)))
         if groups is None:
-            leaf_start[node] = sum(o.size for o in order)
+            leaf_start[node] = placed
             leaf_count[node] = members.size
             order.append(members)
+            placed += members.size
             continue
         child_start[node] = len(rep)
         child_count[node] = len(groups)

@@ -53,6 +53,36 @@ def capped_threads(n: int) -> Iterator[None]:
                 faiss.omp_set_num_threads(before)
 
 
+def run_with_peak_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.5
+                      ) -> tuple[float, float, str]:
+    """Run ``cmd``; returns (wall s, peak summed RSS of its whole process tree in MB, stdout + stderr).
+
+    A Spark job's memory lives in the driver's JVM and its Python workers, so ``ru_maxrss`` of one
+    process says little; the tree is sampled every ``every`` seconds instead (psutil).
+    """
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                peak = max(peak, rss)
+            except psutil.Error:  # a worker exited between listing and reading
+                pass
+            time.sleep(every)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        out = log.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {out[-3000:]}")
+    return wall, peak / 2**20, out
+
+
 def time_pass(search: SearchFn, q: F32, style: str) -> float:
     """Seconds to answer every row of ``q``: one call (``batch``) or one call per query (``single``)."""
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from bench.measure import (
     machine_info,
     median_qps,
     recall_at_k,
+    run_with_peak_rss,
     time_pass,
 )
 
@@ -55,6 +57,7 @@ class ScalingConfig:
     repeats: int = 3
     min_time: float = 0.3
     build_threads: int = 2
+    engine: str = "local"  # or "spark": `python -m batch_index build` on a Parquet corpus, its default shards
     seed: int = 0
     workdir: Path = Path("/tmp/ecg-bench")
     out: Path = Path("bench/results/scaling")
@@ -81,6 +84,40 @@ def build_in_subprocess(data: Path, out: Path, seed: int, threads: int) -> dict[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+_SPARK_PHASES = {"references_s": re.compile(r"build: references fitted in ([\d.]+) s"),
+                 "shards_s": re.compile(r"build shards: done in ([\d.]+) s"),
+                 "build_s": re.compile(r"built in ([\d.]+) s")}
+
+
+def build_with_spark(n: int, cfg: ScalingConfig, out: Path) -> dict[str, Any]:
+    """Generate (once, on Spark) and build with the CLI's defaults; peak RSS of the whole process tree."""
+    corpus = cfg.workdir / "data" / f"synth-seed{cfg.seed}-0-{n}.parquet"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cli = [sys.executable, "-m", "batch_index"]
+    if not corpus.exists():
+        logger.info("generating %d windows on Spark -> %s", n, corpus)
+        run_with_peak_rss([*cli, "generate", "--n", str(n), "--seed", str(cfg.seed), "--engine", "spark",
+                           "--output", str(corpus)], env)
+    wall, peak, log = run_with_peak_rss([*cli, "build", "--input", str(corpus), "--output", str(out),
+                                         "--seed", str(cfg.seed), "--overwrite"], env)
+    row: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": peak, "rss_after_load_mb": float("nan"),
+                           "data_mb": n * 2500 * 4 / 1e6}
+    for key, pat in _SPARK_PHASES.items():
+        found = pat.findall(log)
+        row[key] = float(found[-1]) if found else float("nan")
+    return row
+
+
+class IndexRows:
+    """``x[rows]`` over an index's memory-mapped raw signals (global row order), for exact re-scoring."""
+
+    def __init__(self, index: SearchIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self._index.signals_of(np.asarray(rows, dtype=np.int64))
+
+
 def _ms(search, q: np.ndarray, cfg: ScalingConfig) -> dict[str, float]:
     """Median ms per query on one thread, one at a time (``single``) and in one call (``batch``)."""
     out = {}
@@ -97,11 +134,14 @@ def _ms(search, q: np.ndarray, cfg: ScalingConfig) -> dict[str, float]:
 def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build one size in a subprocess, then time queries per metric. Returns (build row, query rows)."""
     cache = cfg.workdir / "data"
-    _synthetic_rows(0, n, cfg.seed, cache)  # make sure the corpus file exists (generated once, cached)
-    data = cache / f"synth-seed{cfg.seed}-0-{n}.npy"
     q = _synthetic_rows(n, cfg.n_queries, cfg.seed, cache)
-    index_dir = cfg.workdir / f"scaling-index-{n}"
-    build = build_in_subprocess(data, index_dir, cfg.seed, cfg.build_threads)
+    index_dir = cfg.workdir / f"scaling-index-{cfg.engine}-{n}"
+    if cfg.engine == "spark":
+        build = build_with_spark(n, cfg, index_dir)
+    else:
+        _synthetic_rows(0, n, cfg.seed, cache)  # make sure the corpus file exists (generated once, cached)
+        build = build_in_subprocess(cache / f"synth-seed{cfg.seed}-0-{n}.npy", index_dir, cfg.seed,
+                                    cfg.build_threads)
     total = disk_mb(index_dir)
     raw = sum(disk_mb(p) for p in index_dir.rglob("signals.npy"))
     build.update(n=n, index_mb=total - raw, index_mb_raw=total, bytes_per_signal=(total - raw) * 1e6 / n,
@@ -109,7 +149,8 @@ def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[
     logger.info("N=%d: built in %.1f s, peak RSS %.0f MB, %.0f bytes/signal (%.0f with raw signals)", n,
                 build["build_s"], build["peak_rss_mb"], build["bytes_per_signal"], build["bytes_per_signal_raw"])
     index = SearchIndex.load(index_dir)
-    x = np.load(data, mmap_mode="r")
+    build["shards"] = len(index.manifest["shards"])
+    x = IndexRows(index)
     rows = []
     for metric in cfg.metrics:
         exact = lambda b, m=metric: index.search_arrays(b, m, "exact", cfg.k, SearchParams())[0]  # noqa: E731
@@ -153,20 +194,33 @@ def write(builds: list[dict[str, Any]], queries: list[dict[str, Any]], cfg: Scal
     ns = [b["n"] for b in builds]
     params = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workdir")}
     md = report.header("Study 2: scaling with N", command, info, params)
-    md += [f"Synthetic ECG, {cfg.n_queries} unseen queries; builds in a fresh subprocess each ({cfg.build_threads} "
-           f"BLAS threads), peak memory = its `ru_maxrss`; queries on 1 thread, median of "
+    spark = cfg.engine == "spark"
+    how = ("`python -m batch_index build` with its defaults (Spark local[2], default shards) in a fresh process "
+           "tree; peak memory = the summed RSS of the JVM and its Python workers, sampled every 0.5 s"
+           if spark else f"builds in a fresh subprocess each ({cfg.build_threads} BLAS threads), peak memory = "
+           "its `ru_maxrss`")
+    md += [f"Synthetic ECG, {cfg.n_queries} unseen queries; {how}; queries on 1 thread, median of "
            f"{cfg.repeats} passes, at the smallest ef (= rerank, n_probe {cfg.n_probe}) of {list(cfg.efs)} reaching "
            f"recall@{cfg.k} >= {cfg.target}. Growth exponent b: y ~ N^b fitted on log-log (10x N -> 10^b x y).", "",
-           "## Build", "",
-           report.table(["N", "build s", "peak RSS MB", "of which build (peak - after loading corpus) MB",
-                         "index MB (excl. raw)", "bytes/signal excl. raw", "bytes/signal incl. raw"],
-                        [[b["n"], b["build_s"], b["peak_rss_mb"], b["peak_rss_mb"] - b["rss_after_load_mb"],
-                          b["index_mb"],
-                          b["bytes_per_signal"], b["bytes_per_signal_raw"]] for b in builds]), ""]
+           "## Build", ""]
+    size_cols = ["index MB (excl. raw)", "bytes/signal excl. raw", "bytes/signal incl. raw"]
+    if spark:
+        md += [report.table(["N", "shards", "build s", "of which references s", "of which shards s",
+                             "wall s (incl. JVM start)", "peak RSS MB", *size_cols],
+                            [[b["n"], b["shards"], b["build_s"], b["references_s"], b["shards_s"], b["wall_s"],
+                              b["peak_rss_mb"], b["index_mb"], b["bytes_per_signal"], b["bytes_per_signal_raw"]]
+                             for b in builds]), ""]
+    else:
+        md += [report.table(["N", "shards", "build s", "peak RSS MB", "of which build (peak - after loading corpus) MB",
+                             *size_cols],
+                            [[b["n"], b["shards"], b["build_s"], b["peak_rss_mb"],
+                              b["peak_rss_mb"] - b["rss_after_load_mb"], b["index_mb"], b["bytes_per_signal"],
+                              b["bytes_per_signal_raw"]] for b in builds]), ""]
     grow = [["build time", report.fit_exponent(ns, [b["build_s"] for b in builds])],
-            ["peak RSS", report.fit_exponent(ns, [b["peak_rss_mb"] for b in builds])],
-            ["build memory on top of the loaded corpus",
-             report.fit_exponent(ns, [b["peak_rss_mb"] - b["rss_after_load_mb"] for b in builds])]]
+            ["peak RSS", report.fit_exponent(ns, [b["peak_rss_mb"] for b in builds])]]
+    if not spark:
+        grow.append(["build memory on top of the loaded corpus",
+                     report.fit_exponent(ns, [b["peak_rss_mb"] - b["rss_after_load_mb"] for b in builds])])
     md += ["## Queries at fixed recall (ms per query, 1 thread: one call per query / one call for all)", "",
            report.table(["N", "metric", "ef", "recall@10", "hkmeans single", "hkmeans batch", "exact single",
                          "exact batch", "speed-up vs exact (single)"],
