@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=("local", "spark"), default="local",
                    help="local: build_index in one process from .npy; spark: generate and build with the "
                         "batch_index CLI (Parquet corpus, default shards), as a user would (default %(default)s)")
+    s.add_argument("--reuse-builds", action="store_true",
+                   help="keep indexes (and their build measurements) from an earlier run of this study")
 
     d = sub.add_parser("distributed", help="study 4: Spark build with local[1] vs local[2]")
     _common(d, "distributed")
@@ -144,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             scaling.run(scaling.ScalingConfig(
                 sizes=args.sizes, n_queries=args.queries, metrics=parse_metrics(args.metrics), efs=args.ef,
-                n_probe=args.n_probe, target=args.target, repeats=args.repeats, engine=args.engine, seed=args.seed,
+                n_probe=args.n_probe, target=args.target, repeats=args.repeats, engine=args.engine,
+                reuse_builds=args.reuse_builds, seed=args.seed,
                 workdir=args.workdir, out=args.out),
                 _command(argv))
             return 0

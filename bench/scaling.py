@@ -58,6 +58,7 @@ class ScalingConfig:
     min_time: float = 0.3
     build_threads: int = 2
     engine: str = "local"  # or "spark": `python -m batch_index build` on a Parquet corpus, its default shards
+    reuse_builds: bool = False  # keep an index this study built before (and its build measurements)
     seed: int = 0
     workdir: Path = Path("/tmp/ecg-bench")
     out: Path = Path("bench/results/scaling")
@@ -136,12 +137,19 @@ def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[
     cache = cfg.workdir / "data"
     q = _synthetic_rows(n, cfg.n_queries, cfg.seed, cache)
     index_dir = cfg.workdir / f"scaling-index-{cfg.engine}-{n}"
-    if cfg.engine == "spark":
+    saved = index_dir / "bench-build.json"  # written last: its presence means the build completed
+    if cfg.reuse_builds and saved.is_file():
+        build = json.loads(saved.read_text())
+        logger.info("N=%d: reusing the index built %s (%.1f s)", n, build.get("built_at"), build["build_s"])
+    elif cfg.engine == "spark":
         build = build_with_spark(n, cfg, index_dir)
     else:
         _synthetic_rows(0, n, cfg.seed, cache)  # make sure the corpus file exists (generated once, cached)
         build = build_in_subprocess(cache / f"synth-seed{cfg.seed}-0-{n}.npy", index_dir, cfg.seed,
                                     cfg.build_threads)
+    if not saved.is_file() or not cfg.reuse_builds:
+        build["built_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        saved.write_text(json.dumps(build))
     total = disk_mb(index_dir)
     raw = sum(disk_mb(p) for p in index_dir.rglob("signals.npy"))
     build.update(n=n, index_mb=total - raw, index_mb_raw=total, bytes_per_signal=(total - raw) * 1e6 / n,
