@@ -275,17 +275,23 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
 
 
 # ---- batch search -----------------------------------------------------------------------------------
-_INDEX_CACHE: dict[str, SearchIndex] = {}
+_INDEX_CACHE: dict[str, tuple[str, SearchIndex]] = {}
 
 
 def cached_index(path: str, version: str, shard: int | None = None) -> SearchIndex:
-    """One loaded index (or shard) per process and version; executors reuse Python workers."""
-    key = f"{path}@{version}#{shard}"
-    if key not in _INDEX_CACHE:
-        if len(_INDEX_CACHE) >= 4:
+    """One loaded index (or shard) per process, path and version; executors reuse Python workers.
+
+    Loading another version of the same path drops the old one (a serving job moves forward).
+    """
+    key = f"{path}#{shard}"
+    held = _INDEX_CACHE.get(key)
+    if held is None or held[0] != version:
+        if len(_INDEX_CACHE) >= 8:
             _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = SearchIndex.load(path, verify=False, shards=None if shard is None else [shard])
-    return _INDEX_CACHE[key]
+        _INDEX_CACHE.pop(key, None)
+        _INDEX_CACHE[key] = (version, SearchIndex.load(path, verify=False,
+                                                       shards=None if shard is None else [shard]))
+    return _INDEX_CACHE[key][1]
 
 
 def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mode: str, k: int,

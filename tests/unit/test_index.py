@@ -75,6 +75,19 @@ def test_approximate_recall_against_exact(index: SearchIndex, queries, metric: s
     assert np.all(np.diff(got_scores, axis=1) <= 1e-12)  # best first
 
 
+@pytest.mark.parametrize("mode", ["transform", "hkmeans"])
+def test_dot_ranks_candidates_across_shards_of_different_norms(corpus, queries, tmp_path: Path, mode: str) -> None:
+    """Each shard's dot space pads points up to that shard's largest norm: merging shards must undo it."""
+    ids, x = corpus
+    x = x.copy()
+    x[len(x) // 2:] *= 1.5  # the second shard's signals are larger: another max_norm
+    idx = SearchIndex.load(build_index(ids, x, tmp_path / "two", SMALL, n_shards=2))
+    truth, _ = idx.search_arrays(queries, "dot", "exact", 10, SearchParams())
+    got, _ = idx.search_arrays(queries, "dot", mode, 10, SearchParams.for_metric("dot", rerank=40))
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    assert recall >= RECALL_FLOOR, f"{mode}/dot recall@10 across shards = {recall:.3f}"
+
+
 def test_modes_agree_on_trivial_data(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = (10 * np.eye(60, 80) + 0.01 * rng.normal(size=(60, 80))).astype(np.float32)  # far apart
