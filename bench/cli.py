@@ -121,9 +121,39 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
 
-    e = sub.add_parser("e2e", help="study 3: end to end through Kafka and Spark (pending)")
+    e = sub.add_parser("e2e", help="study 3: end to end through Kafka and Spark (latency, burst, throughput)")
     _common(e, "e2e")
+    e.add_argument("--n", type=_sizes_one, default=100_000, help="index size (default %(default)s)")
+    e.add_argument("--index", type=Path, default=None,
+                   help="index to serve (default: the scaling study's Spark-built index of --n, built if missing)")
+    e.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
+                   help="broker HOST:PORT (env KAFKA_BOOTSTRAP; default: an embedded Tansu)")
+    e.add_argument("--metric", default="cosine")
+    e.add_argument("--mode", default="hkmeans", help="mode of the rate and burst phases (default %(default)s)")
+    e.add_argument("--rates", type=lambda t: tuple(float(v) for v in t.split(",")), default=(10.0, 100.0),
+                   help="steady rates, queries/s (default 10,100)")
+    e.add_argument("--rate-seconds", type=float, default=30.0)
+    e.add_argument("--burst", type=int, default=1000)
+    e.add_argument("--sustained", type=_mode_counts, default=(("hkmeans", 4000), ("transform", 4000), ("exact", 400)),
+                   help="MODE:QUERIES,... drained as a backlog (default hkmeans:4000,transform:4000,exact:400)")
+    e.add_argument("--master", default="local[2]")
+    e.add_argument("--serve-arg", action="append", default=[], help="extra `streaming serve` flag, repeatable "
+                   "(e.g. --serve-arg=--executor-min-batch=0)")
     return parser
+
+
+def _sizes_one(text: str) -> int:
+    return int(float(text))
+
+
+def _mode_counts(text: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for part in text.split(","):
+        mode, _, n = part.partition(":")
+        if mode not in ("exact", "transform", "hkmeans") or not n.isdigit():
+            raise argparse.ArgumentTypeError(f"expected MODE:QUERIES with MODE exact|transform|hkmeans, got {part!r}")
+        out.append((mode, int(n)))
+    return tuple(out)
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -165,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from bench import e2e
 
-        return e2e.run(args.out)
+        e2e.run(e2e.E2EConfig(
+            n=args.n, metric=args.metric, mode=args.mode, rates=args.rates, rate_seconds=args.rate_seconds,
+            burst=args.burst, sustained=args.sustained, master=args.master, serve_args=tuple(args.serve_arg),
+            index=args.index, bootstrap=args.bootstrap, seed=args.seed, workdir=args.workdir, out=args.out),
+            _command(argv))
+        return 0
     except EcgSearchError as e:
         logger.error("%s", e)
         return 1

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--ef", "ECG_EF", None, "hkmeans: points the graph walk keeps (default: per metric)", type=int)
     _add(s, "--rerank", "ECG_RERANK", None, "candidates re-scored exactly (default: per metric)", type=int)
     _add(s, "--master", "SPARK_MASTER", "local[2]", "Spark master")
+    _add(s, "--executor-min-batch", "ECG_EXECUTOR_MIN_BATCH", 128, "micro-batches of at least this many "
+         "queries are answered on the executors, one partition per core; smaller ones on the driver; "
+         "0 = always the driver", type=int)
     _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
     s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     s.add_argument("--spark-conf", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
@@ -155,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_bytes=args.max_batch_bytes,
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
         n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
-        create_topics=not args.no_create_topics,
+        executor_min_batch=args.executor_min_batch, create_topics=not args.no_create_topics,
         metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
         spark_conf=tuple(args.spark_conf), **extra)
     return serve(cfg)

@@ -3,13 +3,15 @@
 Layers: :mod:`streaming.scoring` answers a batch of records with plain numpy; :class:`BatchHandler`
 adapts it to ``foreachBatch``; :func:`start_query` wires the DataFrames.
 
-Where scoring runs, and why: in the driver's Python process, inside ``foreachBatch``. The source is a
-driver-side reader anyway (see :mod:`streaming.kafka_source`), a micro-batch is small (at most
-``max_queries_per_batch`` queries of ~10 KB), and the index is memory-mapped and loaded once per
-version in this long-lived process (:mod:`streaming.index_cache`), so there is nothing to broadcast
-and no per-batch task launch, Python worker round trip or index (re)load on the latency path. For
-indexes too large for one machine the shard layout allows scoring shard by shard on executors
-(``mapInArrow`` over shards, merge top-k on the driver); that is the next step, not this one.
+Where queries are answered, and why: small micro-batches (the steady trickle) in the driver's Python
+process inside ``foreachBatch``: the source is a driver-side reader anyway (see
+:mod:`streaming.kafka_source`), the index is memory-mapped and loaded once per version in this
+long-lived process (:mod:`streaming.index_cache`), and no task launch or Python worker round trip sits
+on the latency path. Micro-batches of ``executor_min_batch`` records or more (bursts, backlogs) are
+answered on the executors, one partition per core (:mod:`streaming.executor_scoring`), each Python
+worker holding the same index version memory-mapped: answering is CPU-bound, and one driver core
+would cap throughput. For indexes too large for one machine the shard layout allows scoring shard by
+shard (``mapInArrow`` over shards, merge top-k on the driver, as the batch search does).
 
 Delivery is at-least-once: a batch's replies are acknowledged by the broker before ``foreachBatch``
 returns, and only then does Spark commit the batch; a crash in between replays the batch from the
@@ -46,8 +48,9 @@ from streaming.broker import (
     redact,
 )
 from streaming.codec import DEFAULT_MAX_BYTES, TOPIC_NAME, Limits
+from streaming.executor_scoring import RECORD_COLUMNS, answer_on_executors, records_of, warm_up
 from streaming.index_cache import IndexHolder, holder_for
-from streaming.scoring import Record, answer_batch
+from streaming.scoring import answer_batch
 from streaming.sink import Publisher, deliver, publisher_for
 
 if TYPE_CHECKING:
@@ -87,6 +90,7 @@ class ServeConfig:
     ef: int | None = None                  # settings (batch_index.search.DEFAULT_PARAMS)
     rerank: int | None = None
     master: str = "local[2]"
+    executor_min_batch: int = 128          # batches this large are answered on executors; 0 = driver only
     create_topics: bool = True             # create missing queries/replies/dead-letter topics at start
     query_partitions: int = 1
     metrics_file: str | None = None        # append each batch's metrics as a JSON line
@@ -109,6 +113,8 @@ class ServeConfig:
                      "rerank", "query_partitions"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.executor_min_batch < 0:
+            raise ConfigError(f"executor min batch must be >= 0, got {self.executor_min_batch}")
         if self.trigger_ms < 0 or self.idle_wait_ms < 0:
             raise ConfigError("trigger and idle wait must be >= 0 ms")
         try:
@@ -179,27 +185,35 @@ class BatchHandler:
         self.publisher: Publisher = publisher_for(cfg.bootstrap, cfg.client_config)
         self.lag = LagProbe(cfg.bootstrap, cfg.queries_topic, cfg.client_config)
         self.abort = threading.Event()  # set by a shutdown that cannot wait for the broker any longer
-        self.totals = {"batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0, "undeliverable": 0}
+        self.totals = {"batches": 0, "executor_batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0,
+                       "undeliverable": 0}
         self.last: dict[str, Any] = {}
 
     def __call__(self, df: DataFrame, batch_id: int) -> None:
         t0 = time.perf_counter()
         received_at = datetime.now(timezone.utc)
         index = self.holder.current()  # a newly published version is swapped in here, between batches
-        table = df.select("key", "value", "topic", "partition", "offset", "timestamp").toArrow()
+        table = df.select(*RECORD_COLUMNS).toArrow()
         if table.num_rows == 0:
             return
-        records = [Record(*row) for row in zip(*(table.column(c).to_pylist() for c in table.column_names))]
         fetch_ms = (time.perf_counter() - t0) * 1000
-        out, stats = answer_batch(records, index, replies_topic=self.cfg.replies_topic,
-                                  dead_letter_topic=self.cfg.dead_letter_topic, limits=self.limits,
-                                  params=self.params, received_at=received_at)
+        answer = dict(replies_topic=self.cfg.replies_topic, dead_letter_topic=self.cfg.dead_letter_topic,
+                      limits=self.limits, params=self.params, received_at=received_at)
+        where = "driver"
+        if self.cfg.executor_min_batch and table.num_rows >= self.cfg.executor_min_batch:
+            try:
+                out, stats = answer_on_executors(df.sparkSession, table, index, **answer)
+                where = "executors"
+            except Exception:  # a lost worker must not lose the batch: answer it here instead
+                logger.exception("answering batch %d on the executors failed; answering it on the driver", batch_id)
+        if where == "driver":
+            out, stats = answer_batch(records_of(table), index, **answer)
         t1 = time.perf_counter()
         report = deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
                          abort=self.abort)
         deliver_ms = (time.perf_counter() - t1) * 1000
         self.lag.advance(stats.offsets)
-        metrics = {"batch_id": batch_id, **stats.as_dict(), "fetch_ms": round(fetch_ms, 2),
+        metrics = {"batch_id": batch_id, **stats.as_dict(), "answered_on": where, "fetch_ms": round(fetch_ms, 2),
                    "replies": sum(m.kind == "reply" for m in out),
                    "undeliverable": report.undeliverable, "deliver_attempts": report.attempts,
                    "deliver_ms": round(deliver_ms, 2), "batch_ms": round((time.perf_counter() - t0) * 1000, 2),
@@ -210,6 +224,7 @@ class BatchHandler:
     def _account(self, metrics: dict[str, Any]) -> None:
         self.last = metrics
         self.totals["batches"] += 1
+        self.totals["executor_batches"] += metrics["answered_on"] == "executors"
         for k in ("records", "ok", "errors", "dead_letters", "undeliverable"):
             self.totals[k] += metrics[k]
         line = json.dumps(metrics, separators=(",", ":"))
@@ -308,6 +323,8 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
     """Start the streaming query (the index must load first: fail fast rather than mid-stream)."""
     handler = handler or BatchHandler(cfg)
     index = handler.holder.current()
+    if cfg.executor_min_batch:
+        warm_up(spark, index)
     try:  # connect now, and fail clearly when the broker cannot be reached with these settings
         handler.publisher.producer.list_topics(cfg.replies_topic, timeout=30)
     except KafkaException as e:

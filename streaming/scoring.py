@@ -65,6 +65,23 @@ class BatchStats:
     score_ms: float = 0.0
     age_ms_max: float | None = None  # now - sent_at of the oldest query: queueing + batch latency
 
+    def merge(self, other: BatchStats) -> None:
+        """Add the stats of another part of the same micro-batch (times add up: they are task times)."""
+        self.records += other.records
+        self.ok += other.ok
+        self.dead_letters += other.dead_letters
+        self.groups += other.groups
+        self.decode_ms += other.decode_ms
+        self.score_ms += other.score_ms
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+        for topic, parts in other.offsets.items():
+            for p, (lo, hi) in parts.items():
+                span = self.offsets.setdefault(topic, {}).setdefault(p, [lo, hi])
+                span[0], span[1] = min(span[0], lo), max(span[1], hi)
+        if other.age_ms_max is not None:
+            self.age_ms_max = other.age_ms_max if self.age_ms_max is None else max(self.age_ms_max, other.age_ms_max)
+
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "ok": self.ok, "errors": sum(self.errors.values()),
                 "error_codes": self.errors, "dead_letters": self.dead_letters, "groups": self.groups,

@@ -91,8 +91,11 @@ def _dead_letters(bootstrap: str, topic: str, n: int, timeout: float = 30.0) -> 
     return out
 
 
+@pytest.mark.parametrize("where", ["driver", "executors"])
 def test_mixed_batch_answers_the_valid_and_contains_the_broken(
-        spark: object, cfg: ServeConfig, client: StreamClient, corpus: tuple[list[str], np.ndarray]) -> None:
+        spark: object, cfg: ServeConfig, client: StreamClient, corpus: tuple[list[str], np.ndarray], where: str
+) -> None:
+    cfg = replace(cfg, executor_min_batch=0 if where == "driver" else 2)
     ids, signals = corpus
     good = {client.send(signals[i], "cosine", k=3, mode="exact"): i for i in (0, 10, 20)}
     nan = signals[1].copy()
@@ -127,6 +130,7 @@ def test_mixed_batch_answers_the_valid_and_contains_the_broken(
     assert by_id["garbage"]["value"] == b"\x00not avro at all"
     assert by_id["short"]["topic"] == cfg.queries_topic and by_id["short"]["offset"] >= 0
     assert handler.totals["ok"] == 3 and handler.totals["errors"] == len(broken)
+    assert (handler.totals["executor_batches"] > 0) == (where == "executors")
 
 
 class CrashingHandler(BatchHandler):
