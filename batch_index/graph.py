@@ -175,8 +175,8 @@ def _repair_orphans(out: npt.NDArray[np.int64], nbr: npt.NDArray[np.int64], slot
     return extra
 
 
-def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef: int, expand: int = 0
-                 ) -> tuple[npt.NDArray[np.int64], F32]:
+def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef: int, expand: int = 0,
+                 sq_norms: F32 | None = None) -> tuple[npt.NDArray[np.int64], F32]:
     """Best-first beam walk from ``seeds``: the ``ef`` nearest points found, with squared distances.
 
     The pool holds the ``ef`` nearest points seen; each step expands the ``expand`` nearest of them
@@ -188,8 +188,15 @@ def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef
     visited = np.zeros(n, dtype=bool)
     pool = np.unique(np.asarray(seeds, dtype=np.int64))
     visited[pool] = True
-    diff = points[pool] - query
-    pd = np.einsum("ij,ij->i", diff, diff)
+    qq = float(query @ query)
+
+    def dist(rows: npt.NDArray[np.int64]) -> F32:
+        if sq_norms is None:
+            diff = points[rows] - query
+            return np.einsum("ij,ij->i", diff, diff)
+        return sq_norms[rows] - 2.0 * (points[rows] @ query) + qq  # one gather and a GEMV, no difference array
+
+    pd = dist(pool)
     done = np.zeros(pool.size, dtype=bool)
     while True:
         if pool.size > ef:
@@ -207,8 +214,7 @@ def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef
             continue
         nb = np.unique(nb)
         visited[nb] = True
-        diff = points[nb] - query
         pool = np.concatenate([pool, nb])
-        pd = np.concatenate([pd, np.einsum("ij,ij->i", diff, diff)])
+        pd = np.concatenate([pd, dist(nb)])
         done = np.concatenate([done, np.zeros(nb.size, dtype=bool)])
     return pool, pd

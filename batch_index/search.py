@@ -115,6 +115,14 @@ class _Shard:
         """
         return self.max_norm ** 2 if name == "dot" else 0.0
 
+    def sq_norms(self, name: str) -> F32:
+        """Squared norms of :meth:`space`'s points, so the walk ranks by ``|p|^2 - 2 <p, q>`` (one GEMV)."""
+        key = f"{name}/sq"
+        if key not in self._space_cache:
+            pts = self.space(name)
+            self._space_cache[key] = np.einsum("ij,ij->i", pts, pts)
+        return self._space_cache[key]
+
     def space(self, name: str) -> F32:
         if name not in self._space_cache:
             self._space_cache[name] = space_points(self.z, self.norms, name, self.max_norm)
@@ -310,7 +318,7 @@ class SearchIndex:
             for s in self.shards:
                 pts = s.space(space)
                 seeds = s.trees[space].search(pts, a, params.n_probe, params.route)
-                local, d = graph_search(pts, s.graphs[space], a, seeds, params.ef)
+                local, d = graph_search(pts, s.graphs[space], a, seeds, params.ef, sq_norms=s.sq_norms(space))
                 cands.append(local + s.offset)
                 dists.append(d - s.space_offset(space))
             cand, dist = np.concatenate(cands), np.concatenate(dists)

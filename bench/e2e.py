@@ -99,6 +99,47 @@ def _broker(cfg: E2EConfig) -> Iterator[str]:
         yield broker.bootstrap
 
 
+class TreeRss:
+    """Peak summed RSS of a process and all its descendants (psutil, every ``every`` s), by role.
+
+    Spark's Python workers are forked by a daemon that leaves the service's process group, so the
+    tree (not the group) is what holds the service's memory.
+    """
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        import threading
+
+        self.pid, self.every = pid, every
+        self.peak, self.peak_by_role = 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _role(cmd: str) -> str:
+        return ("jvm" if "java" in cmd else "source" if "streaming_source_runner" in cmd
+                else "executor workers" if "pyspark" in cmd else "driver")
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every):
+            try:
+                root = psutil.Process(self.pid)
+                by_role: dict[str, int] = {}
+                for p in [root, *root.children(recursive=True)]:
+                    role = "driver" if p.pid == self.pid else self._role(" ".join(p.cmdline()))
+                    by_role[role] = by_role.get(role, 0) + p.memory_info().rss
+            except psutil.Error:
+                continue
+            if sum(by_role.values()) > self.peak:
+                self.peak, self.peak_by_role = sum(by_role.values()), by_role
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class Driver:
     """Sends queries on a schedule and gathers their replies (absolute times on this process's clock)."""
 
@@ -163,7 +204,7 @@ def _batches(metrics_file: Path) -> list[dict[str, Any]]:
 def run(cfg: E2EConfig, command: str) -> Path:
     from streaming.broker import create_topics
     from streaming.client import StreamClient
-    from streaming.testing import RssSampler, ServeProcess
+    from streaming.testing import ServeProcess
 
     info = machine_info()
     index = _index(cfg)
@@ -179,10 +220,10 @@ def run(cfg: E2EConfig, command: str) -> Path:
                               "--replies-topic", rt, "--dead-letter-topic", dt, "--checkpoint", str(work / "ckpt"),
                               "--master", cfg.master, "--metrics-file", str(work / "batches.jsonl"),
                               *cfg.serve_args], work / "serve.log")
-        sampler = RssSampler().start()
         spawned = time.monotonic()
         serve.start()
-        sampler.target = serve
+        assert serve.proc is not None
+        sampler = TreeRss(serve.proc.pid)
         try:
             with StreamClient(bootstrap, qt, rt, timeout=60) as client:
                 startup = _startup(client, queries[0], cfg.metric, spawned, cfg.reply_timeout)

@@ -82,6 +82,7 @@ class SourceOptions:
     max_bytes_per_trigger: int = 64 << 20  # maxBytesPerTrigger: memory bound (the batch ends past it)
     idle_wait_ms: int = 200                # idleWaitMs: long-poll when nothing is waiting
     read_timeout_ms: int = 10_000          # readTimeoutMs: give up reading to end-of-partition after this
+    max_read_ms: int = 100                 # maxReadMs: a read holding records ends after this, EOF or not
     client: Mapping[str, str] = field(default_factory=dict, repr=False)  # other kafka.* options (secrets)
 
     @classmethod
@@ -99,7 +100,8 @@ class SourceOptions:
         ints = {name: int(opts[key]) for key, name in (("maxoffsetspertrigger", "max_per_trigger"),
                                                        ("maxbytespertrigger", "max_bytes_per_trigger"),
                                                        ("idlewaitms", "idle_wait_ms"),
-                                                       ("readtimeoutms", "read_timeout_ms")) if key in opts}
+                                                       ("readtimeoutms", "read_timeout_ms"),
+                                                       ("maxreadms", "max_read_ms")) if key in opts}
         for name, value in ints.items():
             if value < (0 if name == "idle_wait_ms" else 1):
                 raise SourceConfigError(f"source option {name} must be positive, got {value}")
@@ -202,7 +204,8 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
             meta[t] = (ts.id or old_id, epoch)
             tps.extend(TopicPartition(t, p, positions.get((t, p), OFFSET_BEGINNING)) for p in ts.partitions)
         got = self._consume(tps, limit=self.opts.max_per_trigger, stop_at=None,
-                            idle_wait=self.opts.idle_wait_ms / 1000, max_bytes=self.opts.max_bytes_per_trigger)
+                            idle_wait=self.opts.idle_wait_ms / 1000, max_bytes=self.opts.max_bytes_per_trigger,
+                            max_read=self.opts.max_read_ms / 1000)
         if len(got.done) < len(tps) and not got.rows:
             self._warn_every("no-eof", "no end-of-partition from %s within %d ms; trying again next trigger",
                              sorted(tp for tp in ((x.topic, x.partition) for x in tps) if tp not in got.done),
@@ -342,9 +345,14 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         return out
 
     def _consume(self, tps: list[TopicPartition], *, limit: int | None, stop_at: dict[TP, int] | None,
-                 idle_wait: float, keep: bool = True, max_bytes: int | None = None) -> _Fetched:
+                 idle_wait: float, keep: bool = True, max_bytes: int | None = None, max_read: float | None = None
+                 ) -> _Fetched:
         """Read ``tps`` from their offsets to end-of-partition (or to ``stop_at``), at most ``limit`` rows
         (and ``max_bytes`` of values, past which the batch ends early), for at most ``readTimeoutMs``.
+
+        ``max_read`` (s) ends a read that holds rows even before end-of-partition: under a steady
+        stream of queries the end is seldom observed (measured at 100 queries/s on Tansu: reads ran for
+        5 s and batches of ~500 queries waited that long), and latency is what a micro-batch is for.
 
         Rows are kept only with ``keep``; without it, ``ends`` holds each end-of-partition offset.
         """
@@ -361,6 +369,8 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         while (limit is None or len(got.rows) < limit) and (max_bytes is None or size < max_bytes):
             elapsed = time.monotonic() - t0
             if got.done >= wanted and (got.rows or stop_at is not None or elapsed >= idle_wait):
+                break
+            if got.rows and max_read is not None and elapsed >= max_read:
                 break
             if elapsed > self.opts.read_timeout_ms / 1000:
                 break  # the caller decides: a read ends its batch, a replay waits and tries again

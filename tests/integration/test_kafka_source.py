@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from collections.abc import Callable
 
@@ -66,6 +67,43 @@ def test_rate_limit_and_latest(kafka_bootstrap: str, make_topic: Callable[..., s
     by_bytes = _reader(kafka_bootstrap, topic, maxBytesPerTrigger=20)  # each record: 2-3 key + 2-3 value bytes
     rows, offsets = by_bytes.read(by_bytes.initialOffset())
     assert len(list(rows)) == 5 and _positions(offsets) == {(topic, 0): 5}
+
+
+def test_a_read_under_a_steady_stream_ends_after_max_read_ms(kafka_bootstrap: str,
+                                                            make_topic: Callable[..., str]) -> None:
+    """Queries arriving without pause must not hold a micro-batch open until the read timeout."""
+    topic = make_topic("src")
+    r = _reader(kafka_bootstrap, topic, maxReadMs=200, readTimeoutMs=20_000)
+    offsets = r.initialOffset()
+    stop = threading.Event()
+
+    def steady() -> None:  # ~200 records/s until stopped
+        p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+        i = 0
+        while not stop.is_set():
+            p.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
+            p.poll(0)
+            i += 1
+            time.sleep(0.005)
+        p.flush(10)
+
+    producer = threading.Thread(target=steady, daemon=True)
+    producer.start()
+    try:
+        seen, took = [], []
+        while len(seen) < 3:
+            t0 = time.monotonic()
+            rows, offsets = r.read(offsets)
+            rows = list(rows)
+            if rows:
+                took.append(time.monotonic() - t0)
+                seen.append(len(rows))
+    finally:
+        stop.set()
+        producer.join(15)
+        r.stop()
+    assert all(t < 5.0 for t in took), took  # bounded by maxReadMs (plus a fetch), not by readTimeoutMs
+    assert all(n >= 1 for n in seen)
 
 
 def test_reader_pickles_without_its_consumer(kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
