@@ -23,12 +23,14 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check batch_index streaming schemas bench tests
+	$(PY) -m ruff check batch_index streaming schemas bench tests tools
 
-## Benchmarks (on demand, never in the test suite); results land in bench/results/.
+## Benchmarks (on demand, never in the test suite; about 1.5 h on 2 cores); results land in bench/results/.
 bench: setup
-	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m bench all
+	$(PY) -m bench recall
+	$(PY) -m bench scaling --engine spark
+	$(PY) -m bench e2e
+	$(PY) -m bench distributed
 
 clean:
 	rm -rf $(VENV) .pytest_cache

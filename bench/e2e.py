@@ -264,8 +264,9 @@ def write(phases: list[Phase], batches: list[dict[str, Any]], extra: dict[str, A
            + f") on an index of {cfg.n} synthetic windows, {extra['broker']} broker; latency = this client's "
            "produce call -> reply read, one clock. Queries: unseen synthetic windows, "
            f"{cfg.metric}, k = 10.", "",
-           f"Start-up (spawn `serve` -> first reply read): **{extra['startup_s']:.1f} s**. Peak memory of the "
-           f"service's process group: {extra['peak_rss_mb']:,.0f} MB ({extra['peak_rss_mb_by_role']}).", "",
+           f"Start-up (spawn `serve` -> first reply read): **{extra['startup_s']:.1f} s**. Peak summed RSS of the "
+           f"service's process tree: {extra['peak_rss_mb']:,.0f} MB ({extra['peak_rss_mb_by_role']}); every process "
+           "that memory-maps the index counts its pages, which the page cache holds once.", "",
            report.table(["phase", "mode", "sent", "answered", "offered q/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
                          "first send -> last reply s", "answered q/s"],
                         [[r["phase"], r["mode"], r["sent"], r["answered"],
