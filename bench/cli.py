@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--burst", type=int, default=1000)
     e.add_argument("--sustained", type=_mode_counts, default=(("hkmeans", 4000), ("transform", 4000), ("exact", 400)),
                    help="MODE:QUERIES,... drained as a backlog (default hkmeans:4000,transform:4000,exact:400)")
+    e.add_argument("--sustained-metrics", type=lambda t: tuple(m for m in t.split(",") if m),
+                   default=("euclidean", "manhattan", "dot"),
+                   help="hkmeans backlogs in these metrics too (default euclidean,manhattan,dot; '' for none)")
     e.add_argument("--master", default="local[2]")
     e.add_argument("--serve-arg", action="append", default=[], help="extra `streaming serve` flag, repeatable "
                    "(e.g. --serve-arg=--executor-min-batch=0)")
@@ -197,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         e2e.run(e2e.E2EConfig(
             n=args.n, metric=args.metric, mode=args.mode, rates=args.rates, rate_seconds=args.rate_seconds,
-            burst=args.burst, sustained=args.sustained, master=args.master, serve_args=tuple(args.serve_arg),
+            burst=args.burst, sustained=args.sustained, sustained_metrics=args.sustained_metrics,
+            master=args.master, serve_args=tuple(args.serve_arg),
             index=args.index, bootstrap=args.bootstrap, seed=args.seed, workdir=args.workdir, out=args.out),
             _command(argv))
         return 0

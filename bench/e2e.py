@@ -44,6 +44,7 @@ class E2EConfig:
     rate_seconds: float = 30.0
     burst: int = 1000
     sustained: tuple[tuple[str, int], ...] = (("hkmeans", 4000), ("transform", 4000), ("exact", 400))
+    sustained_metrics: tuple[str, ...] = ("euclidean", "manhattan", "dot")  # hkmeans backlogs in other metrics
     distinct_queries: int = 1000
     master: str = "local[2]"
     serve_args: tuple[str, ...] = ()  # extra `streaming serve` flags, e.g. ("--executor-min-batch", "0")
@@ -59,6 +60,7 @@ class E2EConfig:
 class Phase:
     name: str
     mode: str
+    metric: str
     sent: int
     latencies_ms: list[float]
     wall_s: float  # first send -> last reply read
@@ -67,7 +69,8 @@ class Phase:
 
     def row(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.full(1, np.nan)
-        return {"phase": self.name, "mode": self.mode, "sent": self.sent, "answered": len(self.latencies_ms),
+        return {"phase": self.name, "mode": self.mode, "metric": self.metric, "sent": self.sent,
+                "answered": len(self.latencies_ms),
                 "missing": self.sent - len(self.latencies_ms), "offered_qps": self.offered_qps,
                 "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                 "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
@@ -148,21 +151,24 @@ class Driver:
         self.sent_at: dict[str, float] = {}
         self._i = 0
 
-    def send(self, mode: str, tag: str) -> str:
+    def send(self, mode: str, tag: str, metric: str | None = None) -> str:
         cid = f"{tag}-{self._i}"
         self.sent_at[cid] = time.monotonic()
-        self.client.send(self.queries[self._i % len(self.queries)], self.metric, k=10, mode=mode, correlation_id=cid)
+        self.client.send(self.queries[self._i % len(self.queries)], metric or self.metric, k=10, mode=mode,
+                         correlation_id=cid)
         self._i += 1
         return cid
 
-    def gather(self, name: str, mode: str, cids: list[str], timeout: float, offered: float | None = None) -> Phase:
+    def gather(self, name: str, mode: str, cids: list[str], timeout: float, offered: float | None = None,
+               metric: str | None = None) -> Phase:
         replies = self.client.collect(cids, timeout)
         bad = [c for c, r in replies.items() if not r.result.ok]
         if bad:
             raise RuntimeError(f"{len(bad)} error replies in phase {name}, e.g. {replies[bad[0]].result}")
         done = [self.sent_at[c] + r.latency_ms / 1e3 for c, r in replies.items()]
         wall = (max(done) - min(self.sent_at[c] for c in cids)) if done else float("nan")
-        phase = Phase(name, mode, len(cids), [r.latency_ms for r in replies.values()], wall, offered)
+        phase = Phase(name, mode, metric or self.metric, len(cids), [r.latency_ms for r in replies.values()], wall,
+                      offered)
         logger.info("%s: %d/%d answered, p50 %.0f ms, p99 %.0f ms, %.1f s", name, len(replies), len(cids),
                     phase.row()["p50_ms"], phase.row()["p99_ms"], wall)
         return phase
@@ -176,9 +182,9 @@ class Driver:
             cids.append(self.send(mode, f"rate{rate:g}"))
         return self.gather(f"steady {rate:g} q/s", mode, cids, timeout, offered=rate)
 
-    def burst(self, name: str, n: int, mode: str, timeout: float) -> Phase:
-        cids = [self.send(mode, name.replace(" ", "-")) for _ in range(n)]
-        return self.gather(name, mode, cids, timeout)
+    def burst(self, name: str, n: int, mode: str, timeout: float, metric: str | None = None) -> Phase:
+        cids = [self.send(mode, name.replace(" ", "-"), metric) for _ in range(n)]
+        return self.gather(name, mode, cids, timeout, metric=metric)
 
 
 def _startup(client: Any, sample: np.ndarray, metric: str, spawned: float, timeout: float) -> float:
@@ -231,6 +237,8 @@ def run(cfg: E2EConfig, command: str) -> Path:
                 drv = Driver(client, queries, cfg.metric)
                 for mode, _ in cfg.sustained:  # warm every mode's code path and the executors
                     drv.burst(f"warm-up {mode}", 200 if mode != "exact" else 20, mode, cfg.reply_timeout)
+                for metric in cfg.sustained_metrics:  # each metric's space is set up on first use
+                    drv.burst(f"warm-up {metric}", 200, "hkmeans", cfg.reply_timeout, metric=metric)
                 for rate in cfg.rates:
                     phases.append(drv.paced(rate, cfg.rate_seconds, cfg.mode, cfg.reply_timeout))
                     time.sleep(2)
@@ -238,6 +246,10 @@ def run(cfg: E2EConfig, command: str) -> Path:
                 time.sleep(2)
                 for mode, n in cfg.sustained:
                     phases.append(drv.burst(f"sustained {mode}", n, mode, cfg.reply_timeout))
+                    time.sleep(2)
+                for metric in cfg.sustained_metrics:
+                    n = dict(cfg.sustained).get("hkmeans", 1000)
+                    phases.append(drv.burst(f"sustained hkmeans {metric}", n, "hkmeans", cfg.reply_timeout, metric))
                     time.sleep(2)
         finally:
             rc = serve.stop()
@@ -262,14 +274,14 @@ def write(phases: list[Phase], batches: list[dict[str, Any]], extra: dict[str, A
     md += [f"`python -m streaming serve` (master {cfg.master}, default settings"
            + (f" plus `{' '.join(cfg.serve_args)}`" if cfg.serve_args else "")
            + f") on an index of {cfg.n} synthetic windows, {extra['broker']} broker; latency = this client's "
-           "produce call -> reply read, one clock. Queries: unseen synthetic windows, "
-           f"{cfg.metric}, k = 10.", "",
+           "produce call -> reply read, one clock, the client on the same machine. Queries: unseen synthetic "
+           "windows, k = 10, each metric at its default search settings.", "",
            f"Start-up (spawn `serve` -> first reply read): **{extra['startup_s']:.1f} s**. Peak summed RSS of the "
            f"service's process tree: {extra['peak_rss_mb']:,.0f} MB ({extra['peak_rss_mb_by_role']}); every process "
            "that memory-maps the index counts its pages, which the page cache holds once.", "",
-           report.table(["phase", "mode", "sent", "answered", "offered q/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
-                         "first send -> last reply s", "answered q/s"],
-                        [[r["phase"], r["mode"], r["sent"], r["answered"],
+           report.table(["phase", "mode", "metric", "sent", "answered", "offered q/s", "p50 ms", "p95 ms", "p99 ms",
+                         "max ms", "first send -> last reply s", "answered q/s"],
+                        [[r["phase"], r["mode"], r["metric"], r["sent"], r["answered"],
                           "-" if r["offered_qps"] is None else r["offered_qps"], r["p50_ms"], r["p95_ms"],
                           r["p99_ms"], r["max_ms"], r["wall_s"], r["answered_qps"]] for r in rows]), ""]
     md += ["## Targets", "", report.table(["target", "measured", "met"], _targets(rows)), ""]
@@ -302,7 +314,8 @@ def _targets(rows: list[dict[str, Any]]) -> list[list[Any]]:
         out.append([f"{r['phase']} answered within 2 s", f"{r['wall_s']:.2f} s",
                     r["wall_s"] <= 2.0 and r["missing"] == 0])
     if (r := by.get("sustained hkmeans")) is not None:
-        out.append([">= 500 q/s sustained (hkmeans)", f"{r['answered_qps']:.0f} q/s", r["answered_qps"] >= 500])
+        out.append([f">= 500 q/s sustained (hkmeans, {r['metric']})", f"{r['answered_qps']:.0f} q/s",
+                    r["answered_qps"] >= 500])
     return [[t, m, "yes" if ok else "**no**"] for t, m, ok in out]
 
 
