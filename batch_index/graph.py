@@ -189,11 +189,10 @@ def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef
     pool = np.unique(np.asarray(seeds, dtype=np.int64))
     visited[pool] = True
     qq = float(query @ query)
+    if sq_norms is None:  # callers that walk many times pass them in (SearchIndex caches them per space)
+        sq_norms = np.einsum("ij,ij->i", points, points)
 
     def dist(rows: npt.NDArray[np.int64]) -> F32:
-        if sq_norms is None:
-            diff = points[rows] - query
-            return np.einsum("ij,ij->i", diff, diff)
         return sq_norms[rows] - 2.0 * (points[rows] @ query) + qq  # one gather and a GEMV, no difference array
 
     pd = dist(pool)

@@ -335,7 +335,7 @@ class SearchIndex:
             for s in self.shards:
                 pts = s.space(space)
                 # + |a|^2, the same in every row; minus the shard's constant so shards compare
-                d = (np.einsum("ij,ij->i", pts, pts) - s.space_offset(space))[None, :] - 2.0 * (block @ pts.T)
+                d = (s.sq_norms(space) - s.space_offset(space))[None, :] - 2.0 * (block @ pts.T)
                 r = min(rerank, d.shape[1])
                 if r < d.shape[1]:
                     part = np.argpartition(d, r - 1, axis=1)[:, :r]

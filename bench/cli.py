@@ -16,6 +16,7 @@ from pathlib import Path
 
 from batch_index.errors import EcgSearchError
 from batch_index.metrics import parse_metrics
+from batch_index.search import MODES
 from bench.measure import REPO
 
 logger = logging.getLogger("bench")
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("e2e", help="study 3: end to end through Kafka and Spark (latency, burst, throughput)")
     _common(e, "e2e")
-    e.add_argument("--n", type=_sizes_one, default=100_000, help="index size (default %(default)s)")
+    e.add_argument("--n", type=_size, default=100_000, help="index size (default %(default)s)")
     e.add_argument("--index", type=Path, default=None,
                    help="index to serve (default: the scaling study's Spark-built index of --n, built if missing)")
     e.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
@@ -145,15 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sizes_one(text: str) -> int:
-    return int(float(text))
+def _size(text: str) -> int:
+    """One corpus size such as ``1e5``."""
+    sizes = _sizes(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one size like 1e5; got {text!r}")
+    return sizes[0]
 
 
 def _mode_counts(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for part in text.split(","):
         mode, _, n = part.partition(":")
-        if mode not in ("exact", "transform", "hkmeans") or not n.isdigit():
+        if mode not in MODES or not n.isdigit():
             raise argparse.ArgumentTypeError(f"expected MODE:QUERIES with MODE exact|transform|hkmeans, got {part!r}")
         out.append((mode, int(n)))
     return tuple(out)

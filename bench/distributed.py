@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,15 +19,9 @@ from typing import Any
 import numpy as np
 
 from bench import report
-from bench.measure import REPO, machine_info
+from bench.measure import REPO, build_phases, machine_info
 
 logger = logging.getLogger(__name__)
-
-# what the build logs, to split the wall time into its serial and parallel parts
-_PHASES = {"references_s": re.compile(r"build: references fitted in ([\d.]+) s"),
-           "shards_s": re.compile(r"build shards: done in ([\d.]+) s"),
-           "job_s": re.compile(r"built in ([\d.]+) s")}
-
 
 @dataclass(frozen=True)
 class DistributedConfig:
@@ -68,9 +61,8 @@ def run(cfg: DistributedConfig, command: str) -> Path:
                              cfg.driver_memory, "--seed", str(cfg.seed), "--overwrite")
             row: dict[str, Any] = {"master": master, "round": rep, "n": cfg.n, "partitions": cfg.partitions,
                                    "wall_s": wall}
-            for key, pat in _PHASES.items():
-                m = pat.findall(log)
-                row[key] = float(m[-1]) if m else float("nan")
+            phases = build_phases(log)
+            row.update(job_s=phases["build_s"], references_s=phases["references_s"], shards_s=phases["shards_s"])
             logger.info("build %s round %d: %.1f s wall (shards %.1f s)", master, rep, wall, row["shards_s"])
             rows.append(row)
     info["load_average_at_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())

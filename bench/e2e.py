@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import report
 from bench.data import _synthetic_rows
-from bench.measure import machine_info
+from bench.measure import TreeRss, machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,8 @@ def _index(cfg: E2EConfig) -> Path:
         return cfg.index
     from bench import scaling
 
-    index_dir = cfg.workdir / f"scaling-index-spark-{cfg.n}"
-    if not (index_dir / "bench-build.json").is_file():
-        scfg = scaling.ScalingConfig(sizes=(cfg.n,), engine="spark", seed=cfg.seed, workdir=cfg.workdir)
-        build = scaling.build_with_spark(cfg.n, scfg, index_dir)
-        (index_dir / "bench-build.json").write_text(json.dumps(build))
-    return index_dir
+    scfg = scaling.ScalingConfig(engine="spark", reuse_builds=True, seed=cfg.seed, workdir=cfg.workdir)
+    return scaling.build_or_reuse(cfg.n, scfg)[0]
 
 
 @contextmanager
@@ -100,47 +96,6 @@ def _broker(cfg: E2EConfig) -> Iterator[str]:
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap
-
-
-class TreeRss:
-    """Peak summed RSS of a process and all its descendants (psutil, every ``every`` s), by role.
-
-    Spark's Python workers are forked by a daemon that leaves the service's process group, so the
-    tree (not the group) is what holds the service's memory.
-    """
-
-    def __init__(self, pid: int, every: float = 0.5) -> None:
-        import threading
-
-        self.pid, self.every = pid, every
-        self.peak, self.peak_by_role = 0, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _role(cmd: str) -> str:
-        return ("jvm" if "java" in cmd else "source" if "streaming_source_runner" in cmd
-                else "executor workers" if "pyspark" in cmd else "driver")
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(self.every):
-            try:
-                root = psutil.Process(self.pid)
-                by_role: dict[str, int] = {}
-                for p in [root, *root.children(recursive=True)]:
-                    role = "driver" if p.pid == self.pid else self._role(" ".join(p.cmdline()))
-                    by_role[role] = by_role.get(role, 0) + p.memory_info().rss
-            except psutil.Error:
-                continue
-            if sum(by_role.values()) > self.peak:
-                self.peak, self.peak_by_role = sum(by_role.values()), by_role
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 class Driver:

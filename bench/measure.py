@@ -6,7 +6,9 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,34 +55,73 @@ def capped_threads(n: int) -> Iterator[None]:
                 faiss.omp_set_num_threads(before)
 
 
-def run_with_peak_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.5
-                      ) -> tuple[float, float, str]:
-    """Run ``cmd``; returns (wall s, peak summed RSS of its whole process tree in MB, stdout + stderr).
+class TreeRss:
+    """Peak summed RSS of a process and all its descendants (psutil, every ``every`` s), by role.
 
-    A Spark job's memory lives in the driver's JVM and its Python workers, so ``ru_maxrss`` of one
-    process says little; the tree is sampled every ``every`` seconds instead (psutil).
+    A Spark job's memory lives in the driver's JVM and its Python workers, which a daemon forks out of
+    the driver's process group: one process's ``ru_maxrss``, or the group, says too little.
     """
-    import tempfile
 
-    import psutil
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.pid, self.every = pid, every
+        self.peak, self.peak_by_role = 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _role(cmd: str) -> str:
+        return ("jvm" if "java" in cmd else "source" if "streaming_source_runner" in cmd
+                else "executor workers" if "pyspark" in cmd else "driver")
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every):
+            try:
+                root = psutil.Process(self.pid)
+                by_role: dict[str, int] = {}
+                for p in [root, *root.children(recursive=True)]:
+                    role = "driver" if p.pid == self.pid else self._role(" ".join(p.cmdline()))
+                    by_role[role] = by_role.get(role, 0) + p.memory_info().rss
+            except psutil.Error:  # a process exited between listing and reading
+                continue
+            if sum(by_role.values()) > self.peak:
+                self.peak, self.peak_by_role = sum(by_role.values()), by_role
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_with_peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``cmd``; returns (wall s, peak summed RSS of its process tree in MB, stdout + stderr)."""
+    import tempfile
 
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-        root, peak = psutil.Process(proc.pid), 0
-        while proc.poll() is None:
-            try:
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                peak = max(peak, rss)
-            except psutil.Error:  # a worker exited between listing and reading
-                pass
-            time.sleep(every)
+        sampler = TreeRss(proc.pid)
+        proc.wait()
+        sampler.stop()
         wall = time.perf_counter() - t0
         log.seek(0)
         out = log.read()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {out[-3000:]}")
-    return wall, peak / 2**20, out
+    return wall, sampler.peak / 2**20, out
+
+
+# what `python -m batch_index build` logs, to split its time into the serial and parallel parts
+BUILD_PHASES = {"references_s": re.compile(r"build: references fitted in ([\d.]+) s"),
+                "shards_s": re.compile(r"build shards: done in ([\d.]+) s"),
+                "build_s": re.compile(r"built in ([\d.]+) s")}
+
+
+def build_phases(log: str) -> dict[str, float]:
+    """Seconds of each :data:`BUILD_PHASES` phase found in a build's log (NaN where absent)."""
+    return {key: float(found[-1]) if (found := pat.findall(log)) else float("nan")
+            for key, pat in BUILD_PHASES.items()}
 
 
 def time_pass(search: SearchFn, q: F32, style: str) -> float:

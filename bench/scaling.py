@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from bench.data import _synthetic_rows
 from bench.measure import (
     REPO,
     STYLES,
+    build_phases,
     capped_threads,
     disk_mb,
     found_scores,
@@ -85,11 +85,6 @@ def build_in_subprocess(data: Path, out: Path, seed: int, threads: int) -> dict[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_SPARK_PHASES = {"references_s": re.compile(r"build: references fitted in ([\d.]+) s"),
-                 "shards_s": re.compile(r"build shards: done in ([\d.]+) s"),
-                 "build_s": re.compile(r"built in ([\d.]+) s")}
-
-
 def build_with_spark(n: int, cfg: ScalingConfig, out: Path) -> dict[str, Any]:
     """Generate (once, on Spark) and build with the CLI's defaults; peak RSS of the whole process tree."""
     corpus = cfg.workdir / "data" / f"synth-seed{cfg.seed}-0-{n}.parquet"
@@ -103,10 +98,7 @@ def build_with_spark(n: int, cfg: ScalingConfig, out: Path) -> dict[str, Any]:
                                          "--seed", str(cfg.seed), "--overwrite"], env)
     row: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": peak, "rss_after_load_mb": float("nan"),
                            "data_mb": n * 2500 * 4 / 1e6}
-    for key, pat in _SPARK_PHASES.items():
-        found = pat.findall(log)
-        row[key] = float(found[-1]) if found else float("nan")
-    return row
+    return {**row, **build_phases(log)}
 
 
 class IndexRows:
@@ -132,24 +124,31 @@ def _ms(search, q: np.ndarray, cfg: ScalingConfig) -> dict[str, float]:
     return out
 
 
-def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Build one size in a subprocess, then time queries per metric. Returns (build row, query rows)."""
+def build_or_reuse(n: int, cfg: ScalingConfig) -> tuple[Path, dict[str, Any]]:
+    """The index of ``n`` synthetic windows and its build measurements: built now, or with ``reuse_builds``
+    the one an earlier run left (``bench-build.json``, written last, says that build completed)."""
     cache = cfg.workdir / "data"
-    q = _synthetic_rows(n, cfg.n_queries, cfg.seed, cache)
     index_dir = cfg.workdir / f"scaling-index-{cfg.engine}-{n}"
-    saved = index_dir / "bench-build.json"  # written last: its presence means the build completed
+    saved = index_dir / "bench-build.json"
     if cfg.reuse_builds and saved.is_file():
         build = json.loads(saved.read_text())
         logger.info("N=%d: reusing the index built %s (%.1f s)", n, build.get("built_at"), build["build_s"])
-    elif cfg.engine == "spark":
+        return index_dir, build
+    if cfg.engine == "spark":
         build = build_with_spark(n, cfg, index_dir)
     else:
         _synthetic_rows(0, n, cfg.seed, cache)  # make sure the corpus file exists (generated once, cached)
         build = build_in_subprocess(cache / f"synth-seed{cfg.seed}-0-{n}.npy", index_dir, cfg.seed,
                                     cfg.build_threads)
-    if not saved.is_file() or not cfg.reuse_builds:
-        build["built_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        saved.write_text(json.dumps(build))
+    build["built_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    saved.write_text(json.dumps(build))
+    return index_dir, build
+
+
+def measure_size(n: int, cfg: ScalingConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Build one size in a subprocess, then time queries per metric. Returns (build row, query rows)."""
+    q = _synthetic_rows(n, cfg.n_queries, cfg.seed, cfg.workdir / "data")
+    index_dir, build = build_or_reuse(n, cfg)
     total = disk_mb(index_dir)
     raw = sum(disk_mb(p) for p in index_dir.rglob("signals.npy"))
     build.update(n=n, index_mb=total - raw, index_mb_raw=total, bytes_per_signal=(total - raw) * 1e6 / n,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,19 @@ def _metrics(path: Path) -> list[dict]:
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["records"]]
 
 
+def _config(bootstrap: str, make_topic: Callable[..., str], index_dir: Path, tmp_path: Path,
+            **limits: int) -> ServeConfig:
+    """Fresh topics, a checkpoint and a metrics file in ``tmp_path``, and the batch ``limits`` under test."""
+    return ServeConfig(bootstrap=bootstrap, index=str(index_dir), queries_topic=make_topic("q"),
+                       replies_topic=make_topic("r"), dead_letter_topic=make_topic("dlq"),
+                       checkpoint=str(tmp_path / "ck"), metrics_file=str(tmp_path / "metrics.jsonl"), **limits)
+
+
 def test_a_burst_ten_times_the_batch_limit_drains_in_bounded_batches_with_lag_visible(
         spark: object, kafka_bootstrap: str, make_topic: Callable[..., str], index_dir: Path,
         corpus: tuple[list[str], np.ndarray], tmp_path: Path) -> None:
     _, signals = corpus
-    cfg = ServeConfig(bootstrap=kafka_bootstrap, index=str(index_dir), queries_topic=make_topic("q"),
-                      replies_topic=make_topic("r"), dead_letter_topic=make_topic("dlq"),
-                      checkpoint=str(tmp_path / "ck"), max_queries_per_batch=LIMIT,
-                      metrics_file=str(tmp_path / "metrics.jsonl"))
+    cfg = _config(kafka_bootstrap, make_topic, index_dir, tmp_path, max_queries_per_batch=LIMIT)
     with StreamClient(cfg.bootstrap, cfg.queries_topic, cfg.replies_topic) as client:
         burst = [client.send(signals[i % len(signals)], "euclidean", k=2, mode="hkmeans") for i in range(10 * LIMIT)]
         client.flush()  # the whole burst waits before the job starts
@@ -55,10 +59,8 @@ def test_the_byte_limit_bounds_a_batch_of_large_messages(
         spark: object, kafka_bootstrap: str, make_topic: Callable[..., str], index_dir: Path,
         corpus: tuple[list[str], np.ndarray], tmp_path: Path) -> None:
     _, signals = corpus
-    cfg = ServeConfig(bootstrap=kafka_bootstrap, index=str(index_dir), queries_topic=make_topic("q"),
-                      replies_topic=make_topic("r"), dead_letter_topic=make_topic("dlq"),
-                      checkpoint=str(tmp_path / "ck"), metrics_file=str(tmp_path / "metrics.jsonl"))
-    cfg = replace(cfg, max_batch_bytes=50_000)  # a query is ~10 KB: at most 5 per batch
+    cfg = _config(kafka_bootstrap, make_topic, index_dir, tmp_path,
+                  max_batch_bytes=50_000)  # a query is ~10 KB: at most 5 per batch
     with StreamClient(cfg.bootstrap, cfg.queries_topic, cfg.replies_topic) as client:
         sent = [client.send(signals[i], "cosine", k=1, mode="exact") for i in range(30)]
         client.flush()
