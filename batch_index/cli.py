@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spark (default) or local: one process, for corpora that fit in memory")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     b.add_argument("--shard-rows", type=_positive_int, default=SHARD_ROWS,
-                   help="without --partitions, one shard per this many signals, at least one per Spark core "
-                        "(default %(default)s: ~1.3 GB of 2,500-sample signals per build task)")
+                   help="without --partitions, the fewest shards of at most this many signals (default "
+                        "%(default)s: ~1.3 GB of 2,500-sample signals per build task); every query walks every shard")
     _spark_flags(b)
 
     s = sub.add_parser("search", help="search every row of a Parquet query file")

@@ -176,16 +176,20 @@ def _repair_orphans(out: npt.NDArray[np.int64], nbr: npt.NDArray[np.int64], slot
 
 
 def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef: int, expand: int = 0,
-                 sq_norms: F32 | None = None) -> tuple[npt.NDArray[np.int64], F32]:
+                 sq_norms: F32 | None = None, scratch: WalkScratch | None = None
+                 ) -> tuple[npt.NDArray[np.int64], F32]:
     """Best-first beam walk from ``seeds``: the ``ef`` nearest points found, with squared distances.
 
     The pool holds the ``ef`` nearest points seen; each step expands the ``expand`` nearest of them
     not yet expanded (several at once, ``ef // 8`` by default: measured, this halves the Python round
     trips at the same recall) and the walk ends when every point in the pool has been expanded.
+    Each distance gathers one row at random (~165 ns measured, a DRAM miss): the walk's cost is the
+    number of points it scores, about 10 per unit of ``ef``.
     """
     n = points.shape[0]
     expand = expand or max(4, ef // 8)
-    visited = np.zeros(n, dtype=bool)
+    scratch = scratch if scratch is not None and scratch.size == n else WalkScratch(n)
+    visited = scratch.visited_bitmap()
     pool = np.unique(np.asarray(seeds, dtype=np.int64))
     visited[pool] = True
     qq = float(query @ query)
@@ -204,16 +208,47 @@ def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef
         open_ = np.flatnonzero(~done)
         if open_.size == 0:
             break
-        pick = open_[np.argsort(pd[open_])[:expand]]
-        done[pick] = True
-        nb = neighbors[pool[pick]].ravel()
+        if open_.size > expand:
+            open_ = open_[np.argpartition(pd[open_], expand - 1)[:expand]]
+        done[open_] = True
+        nb = neighbors[pool[open_]].ravel()
         nb = nb[nb >= 0]
         nb = nb[~visited[nb]]
         if nb.size == 0:
             continue
-        nb = np.unique(nb)
+        nb = scratch.distinct(nb)
         visited[nb] = True
         pool = np.concatenate([pool, nb])
         pd = np.concatenate([pd, dist(nb)])
         done = np.concatenate([done, np.zeros(nb.size, dtype=bool)])
     return pool, pd
+
+
+class WalkScratch:
+    """Per-shard buffers a walk reuses instead of allocating (and, for dedup, sorting) each time.
+
+    ``np.unique`` on each step's new neighbours was 13% of an hkmeans query; writing positions into
+    ``stamp`` and keeping the entries whose own position survived gives the same set in two passes.
+    Not thread-safe: ``SearchIndex`` keeps one per shard and thread.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._visited = np.zeros(size, dtype=bool)
+        self._stamp = np.empty(size, dtype=np.int32)
+        self._arange = np.arange(0, dtype=np.int32)
+        self._dirty = False
+
+    def visited_bitmap(self) -> npt.NDArray[np.bool_]:
+        if self._dirty:
+            self._visited[:] = False
+        self._dirty = True
+        return self._visited
+
+    def distinct(self, ids: npt.NDArray) -> npt.NDArray:
+        """``ids`` without repeats: whichever position an id's slot ends up holding, one copy matches it."""
+        if ids.size > self._arange.size:
+            self._arange = np.arange(max(ids.size, 2 * self._arange.size), dtype=np.int32)
+        pos = self._arange[:ids.size]
+        self._stamp[ids] = pos
+        return ids[self._stamp[ids] == pos]

@@ -12,6 +12,7 @@ import io
 import logging
 from collections import deque
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -85,19 +86,30 @@ class KMeansTree:
             internal = self.child_count[frontier] > 0
             if internal.any():
                 inner = frontier[internal]
-                kids = [np.arange(s, s + c, dtype=np.int32)
-                        for s, c in zip(self.child_start[inner], self.child_count[inner])]
-                frontier = np.concatenate([frontier[~internal], *kids])
+                kids = _ranges(self.child_start[inner], self.child_count[inner])
+                frontier = np.concatenate([frontier[~internal], kids])
                 internal = self.child_count[frontier] > 0
             width = beam if internal.any() else n_probe
             if frontier.size > width:
-                diff = (points[self.rep[frontier]] if route == "representative" else self.centroid[frontier]) - query
-                d = np.einsum("ij,ij->i", diff, diff)
+                if route == "representative":
+                    diff = points[self.rep[frontier]] - query
+                    d = np.einsum("ij,ij->i", diff, diff)
+                else:  # ranked by |c|^2 - 2 <c, q>: one GEMV, no difference array
+                    d = self._centroid_sq[frontier] - 2.0 * (self.centroid[frontier] @ query)
                 frontier = frontier[np.argpartition(d, width - 1)[:width]]
             if not internal.any():
                 break
-        return np.concatenate([self.order[s:s + c] for s, c in
-                               zip(self.leaf_start[frontier], self.leaf_count[frontier])])
+        return self.order[_ranges(self.leaf_start[frontier], self.leaf_count[frontier])]
+
+    @cached_property
+    def _centroid_sq(self) -> F32:
+        return np.einsum("ij,ij->i", self.centroid, self.centroid)
+
+
+def _ranges(starts: I32, counts: I32) -> npt.NDArray[np.int64]:
+    """``starts[i] .. starts[i] + counts[i] - 1`` for every i, concatenated (without a Python loop)."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    return np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
 
 
 def _nearest_member(points: F32, members: I32, center: npt.NDArray) -> int:
