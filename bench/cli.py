@@ -26,14 +26,18 @@ ENV_WFDB_DIR = "ECG_WFDB_DIR"
 RESULTS = REPO / "bench" / "results"
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text: str, least: int = 1) -> tuple[int, ...]:
     try:
         v = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not v or min(v) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not v or min(v) < least:
+        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {text!r}")
     return v
+
+
+def _ints_or_zero(text: str) -> tuple[int, ...]:
+    return _ints(text, least=0)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--queries", type=int, default=rc.n_queries, help="queries per query set (default %(default)s)")
     r.add_argument("--datasets", default=",".join(rc.datasets), help="synthetic,real (default %(default)s)")
     r.add_argument("--metrics", default=",".join(rc.metrics))
-    r.add_argument("--ef", type=_ints, default=sw.ef, help="hkmeans ef sweep (rerank = ef)")
+    r.add_argument("--ef", type=_ints, default=sw.ef, help="hkmeans ef sweep")
+    r.add_argument("--hk-rerank", type=_ints_or_zero, default=sw.hk_rerank,
+                   help="hkmeans re-rank sweep per ef: 0 = ef itself, values >= ef are skipped")
     r.add_argument("--n-probe", type=_ints, default=sw.n_probe, help="hkmeans n_probe sweep")
     r.add_argument("--rerank", type=_ints, default=sw.rerank, help="transform rerank sweep")
     r.add_argument("--ivf-nprobe", type=_ints, default=sw.ivf_nprobe)
@@ -226,7 +232,8 @@ def _recall(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         parser.error(f"real records not found in {args.wfdb_dir} (set --wfdb-dir or {ENV_WFDB_DIR})")
     if args.n < 100 or args.queries < 1 or args.repeats < 1:
         parser.error("need --n >= 100, --queries >= 1, --repeats >= 1")
-    sweep = Sweep(ef=args.ef, n_probe=args.n_probe, rerank=args.rerank, ivf_nprobe=args.ivf_nprobe,
+    sweep = Sweep(ef=args.ef, n_probe=args.n_probe, hk_rerank=args.hk_rerank, rerank=args.rerank,
+                  ivf_nprobe=args.ivf_nprobe,
                   ivf_nlist=args.ivf_nlist, hnsw_ef=args.hnsw_ef, hnsw_m=args.hnsw_m,
                   hnsw_ef_construction=args.hnsw_ef_construction)
     cfg = RecallConfig(n=args.n, n_queries=args.queries, datasets=kinds, metrics=parse_metrics(args.metrics),

@@ -160,13 +160,13 @@ def write_recall(rows: list[Row], out: Path, *, command: str, machine: dict[str,
     md += ["## Datasets", ""] + [f"- `{k}`: {v}" for k, v in datasets.items()] + [""]
 
     floor = target + margin
-    md += [f"## Recommended hkmeans defaults (smallest n_probe, ef = rerank with recall >= {floor:g} on every "
-           f"query set of the dataset)", ""]
+    md += [f"## Recommended hkmeans defaults (smallest ef, then rerank, then n_probe with recall >= {floor:g} on "
+           f"every query set of the dataset)", ""]
     rec_rows = []
     for ds in datasets:
         for m in dict.fromkeys(r["metric"] for r in select(rows, dataset=ds)):
             sub = select(rows, dataset=ds, metric=m)
-            for system, keys in (("hkmeans", ("ef", "n_probe")), ("transform", ("rerank",))):
+            for system, keys in (("hkmeans", ("ef", "rerank", "n_probe")), ("transform", ("rerank",))):
                 rec = recommend(sub, system, keys, floor)
                 if rec is None:
                     worst = {}

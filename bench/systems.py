@@ -42,6 +42,7 @@ class Sweep:
 
     ef: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
     n_probe: tuple[int, ...] = (1,)
+    hk_rerank: tuple[int, ...] = (0, 128, 256)  # hkmeans re-rank per ef: 0 = ef itself; values >= ef skipped
     rerank: tuple[int, ...] = (32, 64, 128, 256, 512)
     ivf_nprobe: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     ivf_nlist: int = 0  # 0: round(sqrt(n))
@@ -63,7 +64,7 @@ class Config:
 
 
 def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) -> list[Config]:
-    """exact, transform (rerank sweep) and hkmeans (ef x n_probe sweep, rerank = ef) on one loaded index."""
+    """exact, transform (rerank sweep) and hkmeans (ef x n_probe x re-rank sweep) on one loaded index."""
     space = SPACE_OF_METRIC[metric]
     raw = shared = own = 0
     for name in index.manifest["files"]:
@@ -82,7 +83,8 @@ def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) 
     out = [Config("exact", "-", fn("exact", SearchParams()), build_s, 0.0, mb(raw))]
     out += [Config("transform", f"rerank={r}", fn("transform", SearchParams(rerank=r)), build_s, mb(shared),
                    mb(shared + raw)) for r in sweep.rerank]
-    hk = [SearchParams(n_probe=p, ef=e, rerank=e) for p in sweep.n_probe for e in sweep.ef]
+    hk = [SearchParams(n_probe=p, ef=e, rerank=r or e) for p in sweep.n_probe for e in sweep.ef
+          for r in sweep.hk_rerank if r < e]
     out += [Config("hkmeans", _label(p), fn("hkmeans", p), build_s, mb(shared + own), mb(shared + own + raw))
             for p in hk]
     if hasattr(SearchParams, "for_metric"):  # the library's own per-metric default, as shipped

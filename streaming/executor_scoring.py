@@ -66,7 +66,11 @@ def answer_on_executors(spark: SparkSession, table: pa.Table, index: SearchIndex
                         ) -> tuple[list[Outgoing], BatchStats]:
     """Answer the records of ``table`` in one Spark job, one partition per core; same result as the driver's."""
     parts = max(1, min(table.num_rows, spark.sparkContext.defaultParallelism))
-    df = spark.createDataFrame(table.select(list(RECORD_COLUMNS))).repartition(parts)
+    # one Arrow record batch per partition (createDataFrame keeps them apart), not repartition(), which
+    # shuffled every query through local disk for nothing
+    chunk = -(-table.num_rows // parts)
+    table = pa.Table.from_batches(table.select(list(RECORD_COLUMNS)).combine_chunks().to_batches(max_chunksize=chunk))
+    df = spark.createDataFrame(table)
     fn = _answer_partition(str(index.path), index.version, replies_topic, dead_letter_topic, limits, dict(params),
                            received_at)
     got = df.mapInArrow(fn, _OUT_DDL).toArrow()

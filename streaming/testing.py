@@ -184,10 +184,14 @@ class ServeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def pids(self) -> list[int]:
-        """Every live process of this serve's process group (driver, JVM, Python workers)."""
+        """Every live process of this serve: its process group (driver, JVM) and every descendant.
+
+        Descendants too: Spark's Python worker daemon, which the JVM forks, moves itself and its
+        workers into a process group of their own, and they hold most of a serving index's memory.
+        """
         if self.proc is None:
             return []
-        out = []
+        table: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, process group), zombies left out
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
                 try:
@@ -195,9 +199,15 @@ class ServeProcess:
                 except OSError:
                     continue
                 fields = stat[stat.rindex(")") + 2:].split()
-                if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # pgrp; not a zombie
-                    out.append(int(d.name))
-        return out
+                if fields[0] != "Z":
+                    table[int(d.name)] = (int(fields[1]), int(fields[2]))
+        root = self.proc.pid
+        out = {pid for pid, (_, pgrp) in table.items() if pgrp == root}
+        frontier = set(out) | {root}
+        while frontier:
+            frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - out
+            out |= frontier
+        return sorted(out)
 
     def rss_bytes(self) -> int:
         """Resident memory of the whole process group now (the sum over its processes)."""
@@ -220,7 +230,7 @@ class ServeProcess:
         return out
 
     def kill(self, *, driver_only: bool = False, drain_s: float = 20.0) -> None:
-        """SIGKILL: the whole group, or only the Python driver (then its JVM must exit by itself)."""
+        """SIGKILL: every process of the serve, or only the Python driver (then its JVM must exit by itself)."""
         if self.proc is None:
             return
         pgid = self.proc.pid
@@ -230,6 +240,11 @@ class ServeProcess:
             deadline = time.monotonic() + drain_s
             while self.pids() and time.monotonic() < deadline:  # the JVM notices its parent is gone
                 time.sleep(0.1)
+        for pid in [*self.pids(), pgid]:  # the group, and descendants that left it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
