@@ -292,7 +292,7 @@ def cached_index(path: str, version: str, shard: int | None = None) -> SearchInd
             _INDEX_CACHE.clear()
         _INDEX_CACHE.pop(key, None)
         _INDEX_CACHE[key] = (version, SearchIndex.load(path, verify=False,
-                                                       shards=None if shard is None else [shard]))
+                                                       shards=None if shard is None else [shard]).warm())
     return _INDEX_CACHE[key][1]
 
 

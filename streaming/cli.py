@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--max-queries-per-batch", "ECG_MAX_QUERIES_PER_BATCH", 2000, "rate control", type=int)
     _add(s, "--max-batch-bytes", "ECG_MAX_BATCH_BYTES", 64 << 20, "memory bound per micro-batch (ckafka)",
          type=int)
-    _add(s, "--max-read-ms", "ECG_MAX_READ_MS", 100, "ckafka: a micro-batch stops reading this many ms after "
+    _add(s, "--max-read-ms", "ECG_MAX_READ_MS", 300, "ckafka: a micro-batch stops reading this many ms after "
          "it has queries, even without reaching the end of the topic", type=int)
+    _add(s, "--read-quiet-ms", "ECG_READ_QUIET_MS", 20, "ckafka: a micro-batch that reached the end of the topic "
+         "waits this many ms for more queries (a burst is answered as one batch); 0 = none", type=int)
     _add(s, "--trigger-ms", "ECG_TRIGGER_MS", 0, "micro-batch interval; 0 = back to back (lowest latency)",
          type=int)
     _add(s, "--max-k", "ECG_MAX_K", 1000, "largest k a query may ask for", type=int)
@@ -157,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap, index=args.index, queries_topic=args.queries_topic,
         replies_topic=args.replies_topic, dead_letter_topic=args.dead_letter_topic, checkpoint=args.checkpoint,
         source=args.source, starting_offsets=args.starting_offsets, max_queries_per_batch=args.max_queries_per_batch,
-        max_batch_bytes=args.max_batch_bytes, max_read_ms=args.max_read_ms,
+        max_batch_bytes=args.max_batch_bytes, max_read_ms=args.max_read_ms, read_quiet_ms=args.read_quiet_ms,
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
         n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
         executor_min_batch=args.executor_min_batch, create_topics=not args.no_create_topics,

@@ -61,7 +61,7 @@ class IndexHolder:
     """Holds the index serving now; :meth:`current` is called at each micro-batch boundary."""
 
     path: Path
-    loader: Loader = SearchIndex.load
+    loader: Loader = field(default=lambda path: SearchIndex.load(path).warm())
     reloads: int = 0
     refused: int = 0
     _index: SearchIndex | None = None

@@ -83,7 +83,8 @@ class ServeConfig:
     max_batch_bytes: int = 64 << 20        # ckafka: memory bound per micro-batch (values + keys)
     trigger_ms: int = 0                    # 0 = start the next micro-batch as soon as one ends
     idle_wait_ms: int = 200                # ckafka: long-poll this long when no query is waiting
-    max_read_ms: int = 100                 # ckafka: a micro-batch stops reading this long after its first query
+    max_read_ms: int = 300                 # ckafka: a micro-batch stops reading this long after its first query
+    read_quiet_ms: int = 20                # ckafka: at the end of the topic, wait this long for more queries
     max_k: int = 1000
     max_message_bytes: int = DEFAULT_MAX_BYTES
     reply_topic_pattern: str = TOPIC_NAME.pattern  # which per-query reply topics are allowed (fullmatch)
@@ -118,6 +119,8 @@ class ServeConfig:
             raise ConfigError(f"executor min batch must be >= 0, got {self.executor_min_batch}")
         if self.max_read_ms < 1:
             raise ConfigError(f"max read ms must be >= 1, got {self.max_read_ms}")
+        if self.read_quiet_ms < 0:
+            raise ConfigError(f"read quiet ms must be >= 0, got {self.read_quiet_ms}")
         if self.trigger_ms < 0 or self.idle_wait_ms < 0:
             raise ConfigError("trigger and idle wait must be >= 0 ms")
         try:
@@ -340,7 +343,7 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
               .option("maxOffsetsPerTrigger", cfg.max_queries_per_batch))
     if cfg.source == "ckafka":
         reader = (reader.option("idleWaitMs", cfg.idle_wait_ms).option("maxBytesPerTrigger", cfg.max_batch_bytes)
-                  .option("maxReadMs", cfg.max_read_ms))
+                  .option("maxReadMs", cfg.max_read_ms).option("quietMs", cfg.read_quiet_ms))
     else:
         reader = reader.option("failOnDataLoss", "false")
     for k, v in cfg.kafka_options:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from confluent_kafka import Producer
 
 from streaming.kafka_source import KafkaStreamReader, SourceOptions, _positions
@@ -104,6 +105,43 @@ def test_a_read_under_a_steady_stream_ends_after_max_read_ms(kafka_bootstrap: st
         r.stop()
     assert all(t < 5.0 for t in took), took  # bounded by maxReadMs (plus a fetch), not by readTimeoutMs
     assert all(n >= 1 for n in seen)
+
+
+@pytest.mark.parametrize("quiet_ms", [600, 30])
+def test_a_read_ends_when_the_senders_pause(kafka_bootstrap: str, make_topic: Callable[..., str],
+                                            quiet_ms: int) -> None:
+    """Records trickling in 100 ms apart (each flushed alone; the reader catches up between them) are one
+    read when quietMs is longer than the gaps, and end the read at the first gap when it is shorter."""
+    topic = make_topic("src")
+    r = _reader(kafka_bootstrap, topic, maxReadMs=10_000, quietMs=quiet_ms, readTimeoutMs=20_000)
+    offsets = r.initialOffset()
+    first = threading.Event()
+
+    def trickle() -> None:
+        p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+        for i in range(12):
+            p.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
+            p.flush(10)
+            first.set()
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        assert first.wait(15)
+        t0 = time.monotonic()
+        rows, offsets = r.read(offsets)
+        took = time.monotonic() - t0
+        got = [v for _, v, *_ in rows]
+    finally:
+        sender.join(30)
+        r.stop()
+    if quiet_ms > 100:
+        assert got == [f"v{i}".encode() for i in range(12)]
+        assert _positions(offsets) == {(topic, 0): 12}
+    else:
+        assert 1 <= len(got) < 12 and got == [f"v{i}".encode() for i in range(len(got))]
+        assert took < 1.0, took  # not held open until maxReadMs
 
 
 def test_reader_pickles_without_its_consumer(kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
