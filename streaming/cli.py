@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--rerank", "ECG_RERANK", None, "candidates re-scored exactly (default: per metric)", type=int)
     _add(s, "--master", "SPARK_MASTER", "local[2]", "Spark master")
     _add(s, "--executor-min-batch", "ECG_EXECUTOR_MIN_BATCH", 128, "micro-batches of at least this many "
-         "queries are answered on the executors, one partition per core; smaller ones on the driver; "
+         "queries are answered on the executors, one slice per core; smaller ones on the driver; "
          "0 = always the driver", type=int)
     _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
     s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")

@@ -8,7 +8,7 @@ process inside ``foreachBatch``: the source is a driver-side reader anyway (see
 :mod:`streaming.kafka_source`), the index is memory-mapped and loaded once per version in this
 long-lived process (:mod:`streaming.index_cache`), and no task launch or Python worker round trip sits
 on the latency path. Micro-batches of ``executor_min_batch`` records or more (bursts, backlogs) are
-answered on the executors, one partition per core (:mod:`streaming.executor_scoring`), each Python
+answered on the executors, one slice per core (:mod:`streaming.executor_scoring`), each Python
 worker holding the same index version memory-mapped: answering is CPU-bound, and one driver core
 would cap throughput. For indexes too large for one machine the shard layout allows scoring shard by
 shard (``mapInArrow`` over shards, merge top-k on the driver, as the batch search does).
