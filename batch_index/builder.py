@@ -22,6 +22,7 @@ import numpy.typing as npt
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
+from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_sums
 from batch_index.errors import InvalidInputError
 from batch_index.graph import build_graph
 from batch_index.index_files import (
@@ -62,6 +63,7 @@ class BuildConfig:
     kmeans: str = "minibatch"
     graph_degree: int = 16
     graph_cluster_size: int = 4096
+    l1_blocks: int = DEFAULT_L1_BLOCKS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class BuildConfig:
                 f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
         if self.kmeans not in KMEANS_KINDS:
             raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
+        if self.l1_blocks < 0:
+            raise InvalidInputError(f"l1_blocks must be >= 0 (0: none), got {self.l1_blocks}")
         if self.graph_degree < 1 or self.graph_cluster_size < 2:
             raise InvalidInputError("graph_degree >= 1 and graph_cluster_size >= 2 are required; got "
                                     f"{self.graph_degree} and {self.graph_cluster_size}")
@@ -81,6 +85,11 @@ class BuildConfig:
             raise InvalidInputError("branching >= 2, leaf_size >= 1, max_depth >= 1 and reference_sample >= 1 "
                                     f"are required; got {self.branching}, {self.leaf_size}, "
                                     f"{self.max_depth}, {self.reference_sample}")
+
+
+def uses_l1_blocks(cfg: BuildConfig) -> bool:
+    """Whether shards keep block sums (see :mod:`batch_index.block_sums`): only manhattan reads them."""
+    return cfg.l1_blocks > 0 and "manhattan" in cfg.metrics
 
 
 def fit_transform(sample: npt.NDArray[np.float32], cfg: BuildConfig) -> ReferenceTransform:
@@ -118,7 +127,8 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
             graphs[space] = build_graph(pts, degree=cfg.graph_degree, cluster_size=cfg.graph_cluster_size,
                                          seed=shard_seed(cfg.seed, shard),
                                          inner_product_cols=z.shape[1] if space == "dot" else 0)
-    info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs)
+    extra = {"l1-blocks": block_sums(signals, cfg.l1_blocks)} if uses_l1_blocks(cfg) else {}
+    info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs, extra)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)
     return info
@@ -153,6 +163,7 @@ def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[Sh
         "sampling_rate": sampling_rate,
         "n_references": int(transform.references.shape[0]),
         "basis_rank": transform.width - 1,
+        "l1_blocks": min(cfg.l1_blocks, dim) if uses_l1_blocks(cfg) else 0,  # blocks of >= 1 sample
         "shards": shard_rows,
         "files": files,
         **(extra or {}),

@@ -57,6 +57,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _per_metric(field: str) -> str:
     return ", ".join(f"{m} {getattr(p, field)}" for m, p in DEFAULT_PARAMS.items())
 
@@ -107,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--graph-cluster-size", type=_positive_int, default=_BUILD_DEFAULTS.graph_cluster_size,
                    help="graph neighbours are exact within k-means clusters of about this many signals; "
                         "build time grows linearly with it (default %(default)s)")
+    b.add_argument("--l1-blocks", type=_non_negative_int, default=_BUILD_DEFAULTS.l1_blocks,
+                   help="block sums kept per signal to order manhattan candidates (a lower bound of L1); "
+                        "0 = none (default %(default)s; only written when the index serves manhattan)")
     b.add_argument("--seed", type=int, default=_BUILD_DEFAULTS.seed)
     b.add_argument("--sampling-rate", type=float, default=None, help="Hz, recorded in the manifest")
     b.add_argument("--engine", choices=("spark", "local"), default="spark",
@@ -199,7 +212,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
                        reference_sample=args.reference_sample, basis_rank=args.basis_rank,
                        branching=args.branching, leaf_size=args.leaf_size, max_depth=args.max_depth,
                        kmeans=args.kmeans, graph_degree=args.graph_degree,
-                       graph_cluster_size=args.graph_cluster_size, seed=args.seed)
+                       graph_cluster_size=args.graph_cluster_size, l1_blocks=args.l1_blocks, seed=args.seed)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ Layout::
       shards/NNNNN/norms.npy        (n,) float32 signal norms
       shards/NNNNN/tree-SPACE.npz   one compact tree per metric space
       shards/NNNNN/graph-SPACE.npy  (n, 2 * degree) int32 neighbour lists per metric space
+      shards/NNNNN/l1-blocks.npy    (n, l1_blocks) float32 block sums, if the index serves manhattan
+                                    (manifest ``l1_blocks`` > 0; indexes without it still load)
 
 A shard is self-contained (its rows, coordinates and trees), so a cluster can search an index that
 does not fit one executor shard by shard and merge the per-shard top-k.
@@ -65,8 +67,9 @@ class ShardInfo:
 
 def write_shard_arrays(index_dir: Path, shard: int, ids: list[str], labels: list[str] | None,
                        signals: np.ndarray, z: np.ndarray, norms: np.ndarray,
-                       trees: dict[str, bytes], graphs: dict[str, np.ndarray]) -> ShardInfo:
-    """Write one shard's files and return their checksums."""
+                       trees: dict[str, bytes], graphs: dict[str, np.ndarray],
+                       extra: dict[str, np.ndarray] | None = None) -> ShardInfo:
+    """Write one shard's files (``extra``: more float32 arrays, saved as ``NAME.npy``); return their checksums."""
     d = shard_dir(index_dir, shard)
     d.mkdir(parents=True, exist_ok=True)
     cols = {"id": pa.array(ids, type=pa.string())}
@@ -80,6 +83,8 @@ def write_shard_arrays(index_dir: Path, shard: int, ids: list[str], labels: list
         (d / f"tree-{space}.npz").write_bytes(blob)
     for space, nbrs in graphs.items():
         np.save(d / f"graph-{space}.npy", np.ascontiguousarray(nbrs, dtype=np.int32))
+    for name, arr in (extra or {}).items():
+        np.save(d / f"{name}.npy", np.ascontiguousarray(arr, dtype=np.float32))
     files = {str(p.relative_to(index_dir)): file_checksum(p) for p in sorted(d.iterdir())}
     return ShardInfo(shard=shard, count=len(ids), max_norm=float(norms.max(initial=0.0)), files=files)
 

@@ -7,6 +7,10 @@
   best-first walk over the shard's neighbour graph in reference space (``graph``), which keeps the
   ``ef`` nearest points it meets; the best ``rerank`` of those are re-scored exactly.
 
+Manhattan borrows the euclidean space, whose order is a poor guide to L1: where the index keeps block
+sums (``block_sums``), every candidate found (hkmeans: all the walks keep; transform: the ``ef``
+nearest) is ordered by their L1 lower bound instead, and the best ``rerank`` of that order re-scored.
+
 Scores returned are always the exact metric (higher = more similar); approximate modes differ from
 ``exact`` only in which points they find, which the benchmarks measure as recall.
 """
@@ -27,6 +31,7 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 from threadpoolctl import ThreadpoolController
 
+from batch_index.block_sums import block_sums, l1_lower_bound
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.graph import WalkScratch, graph_search
 from batch_index.index_files import load_npy, read_manifest, shard_dir
@@ -52,7 +57,8 @@ class SearchParams:
     """Knobs of the approximate modes (ignored by ``exact``).
 
     n_probe : leaves per shard whose members seed the graph walk (hkmeans)
-    ef : points the graph walk keeps per shard (hkmeans); the main recall/speed knob
+    ef : points the graph walk keeps per shard (hkmeans); the main recall/speed knob. For manhattan on
+        an index with block sums, also the reference-space pool of ``transform`` mode
     rerank : candidates re-scored exactly on the raw signals (at least k); each costs d multiply-adds
     route : steer the tree descent by node ``centroid`` or by its ``representative`` real signal
     """
@@ -107,6 +113,7 @@ class _Shard:
     trees: dict[str, KMeansTree]
     graphs: dict[str, npt.NDArray[np.int32]]
     _space_cache: dict[str, F32]
+    l1: F32 | None = None  # (n, l1_blocks) block sums, memory-mapped; None on indexes built without them
     _local: threading.local = field(default_factory=threading.local)
 
     def scratch(self) -> WalkScratch:
@@ -191,11 +198,15 @@ class SearchIndex:
                 except OSError as e:
                     raise IndexFormatError(f"cannot read tree {space!r} of shard {row['shard']}: {e}") from e
                 graphs[space] = load_npy(d / f"graph-{space}.npy")
+            l1 = load_npy(d / "l1-blocks.npy", mmap=True) if manifest.get("l1_blocks", 0) else None
             shard = _Shard(offset=int(row["offset"]), ids=ids, signals=load_npy(d / "signals.npy", mmap=True),
                            z=load_npy(d / "transform.npy"), norms=load_npy(d / "norms.npy"),
-                           max_norm=float(row["max_norm"]), trees=trees, graphs=graphs, _space_cache={})
+                           max_norm=float(row["max_norm"]), trees=trees, graphs=graphs, _space_cache={}, l1=l1)
             if not (len(ids) == shard.signals.shape[0] == shard.z.shape[0] == int(row["count"])):
                 raise IndexFormatError(f"shard {row['shard']} row counts disagree with the manifest")
+            if l1 is not None and l1.shape != (len(ids), int(manifest["l1_blocks"])):
+                raise IndexFormatError(f"shard {row['shard']} block sums have shape {l1.shape}; the manifest "
+                                       f"says {(len(ids), manifest['l1_blocks'])}")
             loaded.append(shard)
         logger.info("loaded index %s (%d signals, %d of %d shards, metrics %s)", manifest["version"],
                     sum(len(s.ids) for s in loaded), len(loaded), len(manifest["shards"]),
@@ -230,6 +241,11 @@ class SearchIndex:
     def size(self) -> int:
         """Signals loaded (all of the index unless loaded shard by shard)."""
         return sum(len(s.ids) for s in self.shards)
+
+    @property
+    def l1_blocks(self) -> int:
+        """Block sums kept per signal (0: none; manhattan candidates are then ordered in L2)."""
+        return int(self.manifest.get("l1_blocks", 0))
 
     @property
     def sampling_rate(self) -> float | None:
@@ -316,10 +332,17 @@ class SearchIndex:
         zq, nq = self.transform.apply(q)
         aq = space_queries(zq, nq, space)
         rerank = max(params.rerank, kk)
+        by_blocks = metric == "manhattan" and self.l1_blocks > 0
+        # every candidate the walks keep goes to the block-sum order; transform keeps its ef nearest
+        pool = (None if mode == "hkmeans" else max(params.ef, rerank)) if by_blocks else rerank
+        q_sums = block_sums(q, self.l1_blocks) if by_blocks else None
         # many small BLAS calls per query: threads only add contention (and fight Spark's own)
         with _blas_controller().limit(limits=1, user_api="blas"):
-            for i, cand in enumerate(self._candidates(aq, space, mode, params, rerank)):
+            for i, cand in enumerate(self._candidates(aq, space, mode, params, pool)):
                 cand = np.sort(cand)
+                if q_sums is not None and cand.size > rerank:
+                    bound = l1_lower_bound(q_sums[i], self._gather(cand, "l1"))
+                    cand = np.sort(cand[np.argpartition(bound, rerank - 1)[:rerank]])
                 # float32 BLAS over the candidates, float64 rescoring of the best k + 32: the same answer as
                 # scoring them all in float64 (exact mode's guarantee), at a fraction of the cost
                 top, exact = (a[0] for a in top_k_exact(q[i], self._rows(cand), metric, kk))
@@ -329,11 +352,11 @@ class SearchIndex:
                     out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
         return out_i, out_s
 
-    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, rerank: int
+    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, keep: int | None
                     ) -> Iterator[npt.NDArray[np.int64]]:
-        """Per query, the global rows to re-rank: the ``rerank`` nearest found in reference space."""
+        """Per query, global rows: the ``keep`` nearest found in reference space (None: all the walks found)."""
         if mode == "transform":
-            yield from self._transform_candidates(aq, space, rerank)
+            yield from self._transform_candidates(aq, space, keep or self.size)
             return
         for a in aq:
             cands, dists = [], []
@@ -345,7 +368,7 @@ class SearchIndex:
                 cands.append(local + s.offset)
                 dists.append(d - s.space_offset(space))
             cand, dist = np.concatenate(cands), np.concatenate(dists)
-            yield cand if cand.size <= rerank else cand[np.argpartition(dist, rerank - 1)[:rerank]]
+            yield cand if keep is None or cand.size <= keep else cand[np.argpartition(dist, keep - 1)[:keep]]
 
     def _transform_candidates(self, aq: F32, space: str, rerank: int, block_bytes: int = 1 << 27
                               ) -> Iterator[npt.NDArray[np.int64]]:
@@ -378,11 +401,16 @@ class SearchIndex:
 
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""
+        return self._gather(global_rows, "signals")
+
+    def _gather(self, global_rows: npt.NDArray[np.int64], field: str) -> F32:
+        """Rows of a per-shard array (``signals``, ``l1``) for sorted global rows, shard by shard."""
         if len(self.shards) == 1:
-            return np.asarray(self.shards[0].signals[global_rows - self.shards[0].offset])
+            return np.asarray(getattr(self.shards[0], field)[global_rows - self.shards[0].offset])
         which = self._locate(global_rows)
-        return np.concatenate([np.asarray(self.shards[w].signals[global_rows[which == w] - self.shards[w].offset])
-                               for w in np.unique(which)])
+        parts = [getattr(self.shards[w], field)[global_rows[which == w] - self.shards[w].offset]
+                 for w in np.unique(which)]
+        return np.concatenate([np.asarray(p) for p in parts])
 
     def _exact(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         parts_i, parts_s = [], []

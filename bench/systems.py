@@ -73,6 +73,8 @@ def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) 
             raw += size
         elif name.rsplit("/", 1)[-1] in (f"tree-{space}.npz", f"graph-{space}.npy"):
             own += size
+        elif name.endswith("l1-blocks.npy"):  # read by manhattan only, in both approximate modes
+            shared += size if metric == "manhattan" else 0
         elif "/tree-" not in name and "/graph-" not in name:
             shared += size
 
@@ -81,16 +83,17 @@ def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) 
 
     mb = lambda b: b / 1e6  # noqa: E731
     out = [Config("exact", "-", fn("exact", SearchParams()), build_s, 0.0, mb(raw))]
-    out += [Config("transform", f"rerank={r}", fn("transform", SearchParams(rerank=r)), build_s, mb(shared),
-                   mb(shared + raw)) for r in sweep.rerank]
+    # transform's pool for manhattan (block-sum order) is the metric's default ef; other metrics ignore ef
+    pool = f"pool={SearchParams.for_metric(metric).ef}," if metric == "manhattan" and index.l1_blocks else ""
+    out += [Config("transform", f"{pool}rerank={r}", fn("transform", SearchParams.for_metric(metric, rerank=r)),
+                   build_s, mb(shared), mb(shared + raw)) for r in sweep.rerank]
     hk = [SearchParams(n_probe=p, ef=e, rerank=r or e) for p in sweep.n_probe for e in sweep.ef
           for r in sweep.hk_rerank if r < e]
     out += [Config("hkmeans", _label(p), fn("hkmeans", p), build_s, mb(shared + own), mb(shared + own + raw))
             for p in hk]
-    if hasattr(SearchParams, "for_metric"):  # the library's own per-metric default, as shipped
-        p = SearchParams.for_metric(metric)
-        out.append(Config("hkmeans-default", _label(p), fn("hkmeans", p), build_s, mb(shared + own),
-                          mb(shared + own + raw)))
+    p = SearchParams.for_metric(metric)  # the library's own per-metric default, as shipped
+    out.append(Config("hkmeans-default", _label(p), fn("hkmeans", p), build_s, mb(shared + own),
+                      mb(shared + own + raw)))
     return out
 
 
