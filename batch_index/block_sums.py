@@ -3,14 +3,15 @@
 Manhattan has no reference space of its own: its candidates come from the euclidean space, whose L2
 order says little about which of them is nearest in L1 (measured on real record windows: re-ranking
 the 256 L2-nearest of 1,024 candidates kept recall@10 at 0.89, the same 1,024 ordered by the bound
-below kept 0.976 at 128). Cutting a signal into ``n_blocks`` runs of consecutive samples and summing
-each run gives, by the triangle inequality on every run,
+below kept 0.976 at 128; on 10^5 synthetic windows 0.94 -> 0.98). Cutting a signal into ``n_blocks``
+runs of consecutive samples and summing each run gives, by the triangle inequality on every run,
 
     sum_b |sum_{i in b} (q_i - x_i)|  <=  sum_i |q_i - x_i|
 
 and because the sums are linear the left side is the L1 distance of the two block-sum vectors. An
-ECG window is smooth at its sampling rate, so the bound is tight where it matters, at ~4% of the raw
-signal's size (100 blocks of a 2,500-sample window).
+ECG window is smooth at its sampling rate, so the bound is tight where it matters. Runs of 10 samples
+(250 blocks of a 2,500-sample window, 10% of its size) were needed: runs of 25 kept 0.974 on real
+windows but 0.932 on synthetic ones, whose noise cancels inside a long run.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from batch_index.errors import InvalidInputError
 
 F32 = npt.NDArray[np.float32]
 
-#: blocks per signal when building an index that serves manhattan (2,500 samples: runs of 25, 0.1 s at 250 Hz)
-DEFAULT_L1_BLOCKS: Final[int] = 100
+#: blocks per signal when building an index that serves manhattan (2,500 samples: runs of 10, 40 ms at 250 Hz)
+DEFAULT_L1_BLOCKS: Final[int] = 250
 
 
 def block_starts(dim: int, n_blocks: int) -> npt.NDArray[np.int64]:

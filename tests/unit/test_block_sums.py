@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.block_sums import block_starts, block_sums, l1_lower_bound
+from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums, l1_lower_bound
 from batch_index.builder import BuildConfig, build_index
 from batch_index.errors import InvalidInputError
 from batch_index.metrics import scores
@@ -18,7 +18,7 @@ from batch_index.synth import SynthConfig, generate
 
 SMALL = BuildConfig(n_references=256, reference_sample=512, basis_rank=128, leaf_size=24, branching=8,
                     graph_degree=12)
-SYN = SynthConfig(sampling_rate=125.0, duration_s=10.0, seed=3)  # 1,250 samples; 100 blocks of 0.1 s
+SYN = SynthConfig(sampling_rate=125.0, duration_s=10.0, seed=3)  # 1,250 samples; 250 blocks of 40 ms
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,13 @@ def test_bad_block_counts_refused() -> None:
 def test_index_keeps_block_sums_only_when_it_serves_manhattan(corpus, index_dir: Path, tmp_path: Path) -> None:
     ids, x = corpus
     m = json.loads((index_dir / "manifest.json").read_text())
-    assert m["l1_blocks"] == 100
+    assert m["l1_blocks"] == DEFAULT_L1_BLOCKS
     for shard in m["shards"]:
         rel = f"shards/{shard['shard']:05d}/l1-blocks.npy"
         assert rel in m["files"]  # checksummed like every other file
         part = np.load(index_dir / rel)
         rows = x[shard["offset"]:shard["offset"] + shard["count"]]
-        np.testing.assert_allclose(part, block_sums(rows, 100), rtol=1e-5)
+        np.testing.assert_allclose(part, block_sums(rows, DEFAULT_L1_BLOCKS), rtol=1e-5)
     for name, cfg in (("no-manhattan", replace(SMALL, metrics=("cosine",))), ("off", replace(SMALL, l1_blocks=0))):
         out = build_index(ids[:600], x[:600], tmp_path / name, cfg)
         assert json.loads((out / "manifest.json").read_text())["l1_blocks"] == 0
