@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_index import spark_job
+from batch_index.block_sums import block_sums
 from batch_index.builder import BuildConfig
 from batch_index.corpus import read_corpus, write_corpus
 from batch_index.errors import InvalidInputError
@@ -50,6 +51,12 @@ def test_build_writes_one_shard_per_partition(index: SearchIndex) -> None:
     assert [s["shard"] for s in m["shards"]] == [0, 1]
     assert sum(s["count"] for s in m["shards"]) == 1200
     assert sorted(index.ids.tolist()) == generate(0, 1200, SYN)[0]
+    # executors write manhattan's block sums beside each shard's signals, checksummed like the rest
+    assert m["l1_blocks"] == CFG.l1_blocks
+    for s in index.shards:
+        assert s.l1 is not None
+        np.testing.assert_allclose(s.l1, block_sums(np.asarray(s.signals), CFG.l1_blocks), rtol=1e-5)
+    assert sum(name.endswith("l1-blocks.npy") for name in m["files"]) == 2
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch_index.cli import build_parser, main
+from batch_index.builder import BuildConfig
+from batch_index.cli import build_config, build_parser, main
 from batch_index.corpus import write_corpus
 from batch_index.metrics import scores
 from batch_index.synth import SynthConfig, generate
@@ -98,6 +100,20 @@ def test_parser_rejects_bad_flags() -> None:
                  ["build", "--input", "i", "--output", "o", "--branching", "-3"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
+
+
+def test_build_flags_mirror_build_config() -> None:
+    """Every BuildConfig field has a ``build`` flag with the same default, and the flag reaches the config."""
+    base = ["build", "--input", "i", "--output", "o"]
+    assert build_config(build_parser().parse_args(base)) == BuildConfig()
+    for f in fields(BuildConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = "cosine,dot" if f.name == "metrics" else "lloyd" if f.name == "kmeans" else (
+            "kmeans" if f.name == "reference_method" else "7")
+        got = getattr(build_config(build_parser().parse_args([*base, flag, value])), f.name)
+        assert got != getattr(BuildConfig(), f.name), f"{flag} {value} did not reach BuildConfig.{f.name}"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--l1-blocks", "-1"])
 
 
 def test_module_entry_point_help() -> None:
