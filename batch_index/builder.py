@@ -22,7 +22,7 @@ import numpy.typing as npt
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_sums
+from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
 from batch_index.errors import InvalidInputError
 from batch_index.graph import build_graph
 from batch_index.index_files import (
@@ -163,7 +163,7 @@ def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[Sh
         "sampling_rate": sampling_rate,
         "n_references": int(transform.references.shape[0]),
         "basis_rank": transform.width - 1,
-        "l1_blocks": min(cfg.l1_blocks, dim) if uses_l1_blocks(cfg) else 0,  # blocks of >= 1 sample
+        "l1_blocks": len(block_starts(dim, cfg.l1_blocks)) if uses_l1_blocks(cfg) else 0,  # as block_sums cuts
         "shards": shard_rows,
         "files": files,
         **(extra or {}),
