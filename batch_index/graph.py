@@ -6,10 +6,10 @@ does what it is good at, proposing where to start, and a neighbour graph walks f
 
 - build: each point's nearest neighbours in reference space (exactly with BLAS within clusters of
   a few thousand points, see :func:`build_graph`), plus reverse edges so every point is reachable;
-- search: a best-first beam walk (as in HNSW's bottom layer) from the members of the leaves the
+- search (``walk``): a best-first walk (as in HNSW's bottom layer) from the members of the leaves the
   tree descent picks, keeping the ``ef`` nearest points seen.
 
-All distances are squared L2 in the metric's reference space; the caller re-ranks exactly.
+All distances are squared L2 in the metric's reference space; the search re-ranks exactly.
 """
 
 from __future__ import annotations
@@ -173,82 +173,3 @@ def _repair_orphans(out: npt.NDArray[np.int64], nbr: npt.NDArray[np.int64], slot
     if orphan.any():
         logger.info("graph: %d of %d points remain reachable only as seeds", int(orphan.sum()), n)
     return extra
-
-
-def graph_search(points: F32, neighbors: I32, query: F32, seeds: npt.NDArray, ef: int, expand: int = 0,
-                 sq_norms: F32 | None = None, scratch: WalkScratch | None = None
-                 ) -> tuple[npt.NDArray[np.int64], F32]:
-    """Best-first beam walk from ``seeds``: the ``ef`` nearest points found, with squared distances.
-
-    The pool holds the ``ef`` nearest points seen; each step expands the ``expand`` nearest of them
-    not yet expanded (several at once, ``ef // 8`` by default: measured, this halves the Python round
-    trips at the same recall) and the walk ends when every point in the pool has been expanded.
-    Each distance gathers one row at random (~165 ns measured, a DRAM miss): the walk's cost is the
-    number of points it scores, about 10 per unit of ``ef``.
-    """
-    n = points.shape[0]
-    expand = expand or max(4, ef // 8)
-    scratch = scratch if scratch is not None and scratch.size == n else WalkScratch(n)
-    visited = scratch.visited_bitmap()
-    pool = np.unique(np.asarray(seeds, dtype=np.int64))
-    visited[pool] = True
-    qq = float(query @ query)
-    if sq_norms is None:  # callers that walk many times pass them in (SearchIndex caches them per space)
-        sq_norms = np.einsum("ij,ij->i", points, points)
-
-    def dist(rows: npt.NDArray[np.int64]) -> F32:
-        return sq_norms[rows] - 2.0 * (points[rows] @ query) + qq  # one gather and a GEMV, no difference array
-
-    pd = dist(pool)
-    done = np.zeros(pool.size, dtype=bool)
-    while True:
-        if pool.size > ef:
-            keep = np.argpartition(pd, ef - 1)[:ef]
-            pool, pd, done = pool[keep], pd[keep], done[keep]
-        open_ = np.flatnonzero(~done)
-        if open_.size == 0:
-            break
-        if open_.size > expand:
-            open_ = open_[np.argpartition(pd[open_], expand - 1)[:expand]]
-        done[open_] = True
-        nb = neighbors[pool[open_]].ravel()
-        nb = nb[nb >= 0]
-        nb = nb[~visited[nb]]
-        if nb.size == 0:
-            continue
-        nb = scratch.distinct(nb)
-        visited[nb] = True
-        pool = np.concatenate([pool, nb])
-        pd = np.concatenate([pd, dist(nb)])
-        done = np.concatenate([done, np.zeros(nb.size, dtype=bool)])
-    return pool, pd
-
-
-class WalkScratch:
-    """Per-shard buffers a walk reuses instead of allocating (and, for dedup, sorting) each time.
-
-    ``np.unique`` on each step's new neighbours was 13% of an hkmeans query; writing positions into
-    ``stamp`` and keeping the entries whose own position survived gives the same set in two passes.
-    Not thread-safe: ``SearchIndex`` keeps one per shard and thread.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._visited = np.zeros(size, dtype=bool)
-        self._stamp = np.empty(size, dtype=np.int32)
-        self._arange = np.arange(0, dtype=np.int32)
-        self._dirty = False
-
-    def visited_bitmap(self) -> npt.NDArray[np.bool_]:
-        if self._dirty:
-            self._visited[:] = False
-        self._dirty = True
-        return self._visited
-
-    def distinct(self, ids: npt.NDArray) -> npt.NDArray:
-        """``ids`` without repeats: whichever position an id's slot ends up holding, one copy matches it."""
-        if ids.size > self._arange.size:
-            self._arange = np.arange(max(ids.size, 2 * self._arange.size), dtype=np.int32)
-        pos = self._arange[:ids.size]
-        self._stamp[ids] = pos
-        return ids[self._stamp[ids] == pos]

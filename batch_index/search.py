@@ -33,11 +33,12 @@ from threadpoolctl import ThreadpoolController
 
 from batch_index.block_sums import block_sums, l1_lower_bound
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
-from batch_index.graph import WalkScratch, graph_search
 from batch_index.index_files import load_npy, read_manifest, shard_dir
-from batch_index.metrics import METRICS, check_metric, top_k_exact
+from batch_index.metrics import METRICS, check_metric, scores, top_k, top_k_exact
+from batch_index.rescore import approx_scores
 from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
 from batch_index.tree import KMeansTree
+from batch_index.walk import ScalarCodes, VisitStamps, walk
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,11 @@ class _Shard:
     l1: F32 | None = None  # (n, l1_blocks) block sums, memory-mapped; None on indexes built without them
     _local: threading.local = field(default_factory=threading.local)
 
-    def scratch(self) -> WalkScratch:
-        """This thread's walk buffers for this shard."""
-        if not hasattr(self._local, "scratch"):
-            self._local.scratch = WalkScratch(len(self.ids))
-        return self._local.scratch
+    def visits(self) -> VisitStamps:
+        """This thread's visited-marks for walks over this shard (walks run in several threads at once)."""
+        if not hasattr(self._local, "visits"):
+            self._local.visits = VisitStamps(len(self.ids))
+        return self._local.visits
 
     def space_offset(self, name: str) -> float:
         """What every squared distance in this shard's ``name`` space carries that other shards' do not.
@@ -145,6 +146,17 @@ class _Shard:
         if name not in self._space_cache:
             self._space_cache[name] = space_points(self.z, self.norms, name, self.max_norm)
         return self._space_cache[name]
+
+    def codes(self, name: str) -> ScalarCodes:
+        """8-bit codes of :meth:`space`'s points, what the graph walk reads (see ``walk``)."""
+        key = f"{name}/sq8"
+        if key not in self._space_cache:
+            self._space_cache[key] = ScalarCodes.encode(self.space(name))
+        return self._space_cache[key]
+
+    @cached_property
+    def signal_sq_norms(self) -> F32:
+        return (self.norms.astype(np.float32) ** 2).astype(np.float32)
 
 
 @functools.cache
@@ -215,14 +227,20 @@ class SearchIndex:
         return cls(root, manifest, transform, loaded, max_k)
 
     def warm(self) -> SearchIndex:
-        """Compute every space's points and squared norms now, not in the first query of each metric.
+        """Compute every space's points, norms and codes now, not in the first query of each metric.
 
         A server calls this before it swaps a version in: otherwise the first queries after start-up
-        or an upgrade pay for it (measured at 10^5: the first hkmeans batch of 2 took 1.1 s, not 0.3).
+        or an upgrade pay for it (measured at 10^5: the first hkmeans batch of 2 took 1.1 s, not 0.3;
+        compiling the walk and re-scoring kernels takes ~5 s more where numba's cache is cold).
         """
         for s in self.shards:
             for name in self.manifest["spaces"]:
                 s.sq_norms(name)
+                s.codes(name)
+        if self.size:  # and compile (or load from numba's cache) the kernels each metric runs
+            probe = np.asarray(self.shards[0].signals[:1], dtype=np.float32)
+            for metric in self.metrics:
+                self.search_arrays(probe, metric, "hkmeans", 1, SearchParams(n_probe=1, ef=4, rerank=4))
         return self
 
     # ---- what callers check against -------------------------------------------------------------
@@ -330,28 +348,49 @@ class SearchIndex:
         out_i = np.zeros((len(q), kk), np.int64)
         out_s = np.zeros((len(q), kk), np.float64)
         space = SPACE_OF_METRIC[metric]
-        zq, nq = self.transform.apply(q)
-        aq = space_queries(zq, nq, space)
         rerank = max(params.rerank, kk)
         by_blocks = metric == "manhattan" and self.l1_blocks > 0
         # every candidate the walks keep goes to the block-sum order; transform keeps its ef nearest
         pool = (None if mode == "hkmeans" else max(params.ef, rerank)) if by_blocks else rerank
-        q_sums = block_sums(q, self.l1_blocks) if by_blocks else None
-        # many small BLAS calls per query: threads only add contention (and fight Spark's own)
+        # many small BLAS calls per query: threads only add contention (and fight Spark's own). The
+        # transform too: OpenBLAS threads left from one multi-threaded call spin for a while after it,
+        # measured doubling the CPU time of every hkmeans query served outside Spark's workers
         with _blas_controller().limit(limits=1, user_api="blas"):
+            zq, nq = self.transform.apply(q)
+            aq = space_queries(zq, nq, space)
+            q_sums = block_sums(q, self.l1_blocks) if by_blocks else None
             for i, cand in enumerate(self._candidates(aq, space, mode, params, pool)):
                 cand = np.sort(cand)
                 if q_sums is not None and cand.size > rerank:
                     bound = l1_lower_bound(q_sums[i], self._gather(cand, "l1"))
                     cand = np.sort(cand[np.argpartition(bound, rerank - 1)[:rerank]])
-                # float32 BLAS over the candidates, float64 rescoring of the best k + 32: the same answer as
-                # scoring them all in float64 (exact mode's guarantee), at a fraction of the cost
-                top, exact = (a[0] for a in top_k_exact(q[i], self._rows(cand), metric, kk))
+                top, exact = self._rerank(q[i], cand, metric, kk)
                 n = len(top)
-                out_i[i, :n], out_s[i, :n] = cand[top], exact
+                out_i[i, :n], out_s[i, :n] = top, exact
                 if n < kk:  # fewer candidates than k: pad from exact search rather than return short lists
                     out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
         return out_i, out_s
+
+    def _rerank(self, query: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = 32
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Exact top ``k`` of sorted global rows ``cand``: best first, float64 scores.
+
+        float32 scores over every candidate (read in place, ``rescore``), float64 rescoring of the best
+        ``k + margin``: the same answer as scoring them all in float64 (exact mode's guarantee), as in
+        :func:`batch_index.metrics.top_k_exact`.
+        """
+        if cand.size == 0:
+            return cand, np.zeros(0)
+        which = self._locate(cand)
+        approx = np.concatenate([
+            approx_scores(query, s.signals, cand[which == w] - s.offset, s.signal_sq_norms, metric)
+            for w, s in ((w, self.shards[w]) for w in np.unique(which))])
+        keep = min(cand.size, k + margin)
+        if keep < cand.size:
+            cand = np.sort(cand[np.argpartition(-approx, keep - 1)[:keep]])
+        exact = scores(query, self._rows(cand), metric)
+        best = top_k(exact, min(k, cand.size))
+        return cand[best], exact[best]
 
     def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, keep: int | None
                     ) -> Iterator[npt.NDArray[np.int64]]:
@@ -364,8 +403,7 @@ class SearchIndex:
             for s in self.shards:
                 pts = s.space(space)
                 seeds = s.trees[space].search(pts, a, params.n_probe, params.route)
-                local, d = graph_search(pts, s.graphs[space], a, seeds, params.ef, sq_norms=s.sq_norms(space),
-                                        scratch=s.scratch())
+                local, d = walk(s.codes(space), s.graphs[space], a, seeds, params.ef, s.visits())
                 cands.append(local + s.offset)
                 dists.append(d - s.space_offset(space))
             cand, dist = np.concatenate(cands), np.concatenate(dists)
@@ -416,7 +454,7 @@ class SearchIndex:
     def _exact(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         parts_i, parts_s = [], []
         for s in self.shards:
-            i, sc = top_k_exact(q, s.signals, metric, k, point_sq_norms=s.norms.astype(np.float32) ** 2)
+            i, sc = top_k_exact(q, s.signals, metric, k, point_sq_norms=s.signal_sq_norms)
             parts_i.append(i + s.offset)
             parts_s.append(sc)
         all_i, all_s = np.hstack(parts_i), np.hstack(parts_s)

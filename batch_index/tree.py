@@ -16,6 +16,7 @@ from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from batch_index.errors import IndexFormatError, InvalidInputError
@@ -76,40 +77,74 @@ class KMeansTree:
 
         The frontier starts at the root's children; each step replaces every internal node by its
         children and keeps the ``beam`` (default ``4 * n_probe``) nodes nearest (L2) to ``query``,
-        by centroid or by representative point; the last step keeps ``n_probe`` leaves.
+        by centroid or by representative point; the last step keeps ``n_probe`` leaves. Compiled
+        (numba): in numpy its dozen small calls per level cost ~0.2 ms a query, a tenth of a search.
         """
         if self.child_count[0] == 0:
             return self.order
         beam = max(beam or 4 * n_probe, n_probe)
-        frontier = np.arange(self.child_start[0], self.child_start[0] + self.child_count[0], dtype=np.int32)
-        while True:
-            internal = self.child_count[frontier] > 0
-            if internal.any():
-                inner = frontier[internal]
-                kids = _ranges(self.child_start[inner], self.child_count[inner])
-                frontier = np.concatenate([frontier[~internal], kids])
-                internal = self.child_count[frontier] > 0
-            width = beam if internal.any() else n_probe
-            if frontier.size > width:
-                if route == "representative":
-                    diff = points[self.rep[frontier]] - query
-                    d = np.einsum("ij,ij->i", diff, diff)
-                else:  # ranked by |c|^2 - 2 <c, q>: one GEMV, no difference array
-                    d = self._centroid_sq[frontier] - 2.0 * (self.centroid[frontier] @ query)
-                frontier = frontier[np.argpartition(d, width - 1)[:width]]
-            if not internal.any():
-                break
-        return self.order[_ranges(self.leaf_start[frontier], self.leaf_count[frontier])]
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        if route == "representative":
+            vectors = np.ascontiguousarray(points[self.rep])
+            sq = np.einsum("ij,ij->i", vectors, vectors)
+        else:
+            vectors, sq = self.centroid, self._centroid_sq
+        return _descend(self.child_start, self.child_count, self.leaf_start, self.leaf_count, self.order, vectors,
+                        sq, q, int(n_probe), int(beam))
 
     @cached_property
     def _centroid_sq(self) -> F32:
         return np.einsum("ij,ij->i", self.centroid, self.centroid)
 
 
-def _ranges(starts: I32, counts: I32) -> npt.NDArray[np.int64]:
-    """``starts[i] .. starts[i] + counts[i] - 1`` for every i, concatenated (without a Python loop)."""
-    ends = np.cumsum(counts, dtype=np.int64)
-    return np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+@njit(cache=True, nogil=True, fastmath=True)
+def _descend(child_start, child_count, leaf_start, leaf_count, order, vectors, sq, query, n_probe, beam
+             ):  # type: ignore[no-untyped-def]
+    """:meth:`KMeansTree.search` over node ``vectors`` (ranked by ``sq - 2 <v, q>``, i.e. by L2)."""
+    frontier = np.arange(child_start[0], child_start[0] + child_count[0]).astype(np.int32)
+    while True:
+        n_kids = 0
+        n_internal = 0
+        for f in frontier:
+            if child_count[f] > 0:
+                n_internal += 1
+                n_kids += child_count[f]
+        if n_internal:
+            grown = np.empty(frontier.shape[0] - n_internal + n_kids, np.int32)
+            m = 0
+            for f in frontier:
+                if child_count[f] == 0:
+                    grown[m] = f
+                    m += 1
+            for f in frontier:
+                for c in range(child_start[f], child_start[f] + child_count[f]):
+                    grown[m] = c
+                    m += 1
+            frontier = grown
+        internal = False
+        for f in frontier:
+            internal |= child_count[f] > 0
+        width = beam if internal else n_probe
+        if frontier.shape[0] > width:
+            d = np.empty(frontier.shape[0], np.float32)
+            for i in range(frontier.shape[0]):
+                s = np.float32(0.0)
+                v = vectors[frontier[i]]
+                for j in range(query.shape[0]):
+                    s += v[j] * query[j]
+                d[i] = sq[frontier[i]] - np.float32(2.0) * s
+            frontier = frontier[np.argsort(d, kind="mergesort")[:width]]
+        if not internal:
+            break
+    total = 0
+    for f in frontier:
+        total += leaf_count[f]
+    out = np.empty(total, order.dtype)
+    m = 0
+    for f in frontier:
+        out[m:m + leaf_count[f]] = order[leaf_start[f]:leaf_start[f] + leaf_count[f]]
+        m += leaf_count[f]
+    return out
 
 
 def _nearest_member(points: F32, members: I32, center: npt.NDArray) -> int:

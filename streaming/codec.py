@@ -134,11 +134,13 @@ def encode_query(correlation_id: str, sample: npt.ArrayLike, metric: str, *, k: 
                  mode: str = "hkmeans", threshold: float | None = None, reply_topic: str | None = None,
                  sent_at: datetime | None = None) -> bytes:
     """Encode one query (no validation: the service is the judge; see :func:`decode_query`)."""
+    samples = np.asarray(sample, dtype=np.float32).ravel()
+    sent_at = sent_at or datetime.now(timezone.utc)
+    if _fast_encodable(correlation_id, metric, k, mode, threshold, reply_topic, sent_at):
+        return _fast_encode_query(correlation_id, samples, metric, k, mode, threshold, reply_topic, sent_at)
     return schemas.encode("query", {
-        "correlation_id": correlation_id,
-        "sample": np.asarray(sample, dtype=np.float32).ravel().tolist(),
-        "metric": metric, "k": k, "mode": mode, "threshold": threshold, "reply_topic": reply_topic,
-        "sent_at": sent_at or datetime.now(timezone.utc),
+        "correlation_id": correlation_id, "sample": samples.tolist(), "metric": metric, "k": k, "mode": mode,
+        "threshold": threshold, "reply_topic": reply_topic, "sent_at": sent_at,
     })
 
 
@@ -226,13 +228,57 @@ def _text_id(b: bytes | None) -> str | None:
 
 # ---- fast path for the current query schema -------------------------------------------------------
 # fastavro builds a Python list of 2,500 floats per query (0.2 ms); reading the float array straight
-# into numpy is ~20x faster. Used only for this exact writer schema (tests pin it equal to fastavro);
-# if query.avsc changes, its fingerprint changes and every message takes the fastavro path.
+# into numpy is ~20x faster, and so is writing it (encode_query). Used only for this exact writer
+# schema (tests pin both equal to fastavro); if query.avsc changes, its fingerprint changes and every
+# message takes the fastavro path.
 _FAST_FP: Final[bytes] = bytes.fromhex("8245a9b2399a41a4")
 
 
 class _Malformed(ValueError):
     pass
+
+
+def _fast_encodable(cid: object, metric: object, k: object, mode: object, threshold: object, reply_topic: object,
+                    sent_at: datetime) -> bool:
+    """Inputs the byte-level writer encodes exactly as fastavro would; anything else takes fastavro's path."""
+    return (schemas.fingerprint("query") == _FAST_FP and isinstance(cid, str) and isinstance(metric, str)
+            and isinstance(mode, str) and type(k) is int and -(2**31) <= k < 2**31
+            and (threshold is None or type(threshold) is float)
+            and (reply_topic is None or isinstance(reply_topic, str))
+            and isinstance(sent_at, datetime) and sent_at.tzinfo is not None)
+
+
+def _varint(n: int) -> bytes:
+    """Avro's zigzag variable-length long."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _avro_str(text: str) -> bytes:
+    b = text.encode("utf-8")
+    return _varint(len(b)) + b
+
+
+def _fast_encode_query(cid: str, sample: npt.NDArray[np.float32], metric: str, k: int, mode: str,
+                       threshold: float | None, reply_topic: str | None, sent_at: datetime) -> bytes:
+    """The query's bytes without a Python list of 2,500 floats (fastavro's path: 0.3 ms a query, 10x this).
+
+    Client-side, so a sender on the service's machine leaves it the CPU. Tests pin it equal to fastavro.
+    """
+    delta = sent_at - EPOCH  # fastavro's timestamp-millis: whole days and seconds, then truncated microseconds
+    millis = (delta.days * 86400 + delta.seconds) * 1000 + int(delta.microseconds / 1000)
+    parts = [schemas.MAGIC, _FAST_FP, _avro_str(cid)]
+    if sample.size:
+        parts += [_varint(sample.size), sample.astype("<f4", copy=False).tobytes()]
+    parts += [b"\x00", _avro_str(metric), _varint(k), _avro_str(mode),
+              b"\x00" if threshold is None else b"\x02" + struct.pack("<d", threshold),
+              b"\x00" if reply_topic is None else b"\x02" + _avro_str(reply_topic), _varint(millis)]
+    return b"".join(parts)
 
 
 def _read_long(buf: bytes, pos: int) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import fastavro
 import numpy as np
@@ -76,6 +76,29 @@ def test_fast_path_equals_fastavro(seed: int) -> None:
     slow = fastavro.schemaless_reader(io.BytesIO(raw[10:]), schemas.load_schema("query"))
     assert fast.pop("sample").tolist() == pytest.approx(slow.pop("sample"))
     assert fast == slow
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fast_writer_equals_fastavro(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal(int(rng.integers(0, 300))).astype(np.float32)
+    if seed == 3:
+        sample[:3] = [np.inf, -0.0, np.float32(1e-40)]  # non-finite and subnormal floats: the service judges them
+    sent = T0 + timedelta(days=int(rng.integers(-30000, 30000)), microseconds=int(rng.integers(0, 10**9)))
+    fields = dict(k=int(rng.integers(-(2**31), 2**31)), mode=["exact", "hkmeans", "ünknown"][seed % 3],
+                  threshold=None if seed % 2 else float(rng.standard_normal()),
+                  reply_topic=None if seed % 3 else "replies", sent_at=sent)
+    fast = codec.encode_query(f"id-{seed}-é", sample, "dot", **fields)
+    slow = schemas.encode("query", {"correlation_id": f"id-{seed}-é", "sample": sample.tolist(), "metric": "dot",
+                                    **fields})
+    assert fast == slow
+
+
+def test_writer_falls_back_to_fastavro_for_what_it_does_not_take() -> None:
+    # a numpy integer k, an int threshold and a naive sent_at are fastavro's to convert (or refuse)
+    raw = codec.encode_query("x", [1.0, 2.0], "cosine", k=np.int64(4), threshold=1, sent_at=datetime(2026, 1, 2, 3))
+    rec = fastavro.schemaless_reader(io.BytesIO(raw[10:]), schemas.load_schema("query"))
+    assert (rec["k"], rec["threshold"], rec["sample"]) == (4, 1.0, [1.0, 2.0])
 
 
 def test_fast_path_is_pinned_to_current_schema() -> None:

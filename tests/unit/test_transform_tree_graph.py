@@ -1,4 +1,4 @@
-"""Reference transform bounds, tree invariants and graph walk, on plain arrays (no Spark)."""
+"""Reference transform bounds, tree invariants and graph construction, on plain arrays (no Spark)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from batch_index.errors import InvalidInputError
-from batch_index.graph import WalkScratch, build_graph, graph_search
+from batch_index.graph import build_graph
 from batch_index.transform import ReferenceTransform, choose_references, space_points, space_queries
 from batch_index.tree import KMeansTree, build_tree
 
@@ -123,36 +123,6 @@ def test_graph_forward_neighbours_are_exact_knn(data: np.ndarray) -> None:
         truth = set(np.argsort(dist)[:5].tolist())
         assert truth <= set(g[i][g[i] >= 0].tolist())
     assert d.shape == (800, 50)
-
-
-def test_graph_walk_finds_the_true_nearest(data: np.ndarray) -> None:
-    g = build_graph(data, degree=8)
-    rng = np.random.default_rng(1)
-    hits = 0
-    for _ in range(30):
-        q = data[rng.integers(len(data))] + 0.05 * rng.normal(size=data.shape[1]).astype(np.float32)
-        ids, dist = graph_search(data, g, q, seeds=np.array([0]), ef=32)
-        truth = int(np.argmin(((data - q) ** 2).sum(axis=1)))
-        hits += truth == int(ids[np.argmin(dist)])
-    assert hits >= 28
-
-
-def test_walk_scratch_reused_across_walks_gives_fresh_results(data: np.ndarray) -> None:
-    g = build_graph(data, degree=8)
-    scratch = WalkScratch(len(data))
-    ids = np.array([5, 3, 5, 9, 3, 3, 0])
-    assert sorted(scratch.distinct(ids).tolist()) == [0, 3, 5, 9]
-    for i in (7, 7, 11):  # the same walk twice on one scratch: nothing left visited from before
-        fresh = graph_search(data, g, data[i], seeds=np.array([0]), ef=16)
-        again = graph_search(data, g, data[i], seeds=np.array([0]), ef=16, scratch=scratch)
-        assert sorted(fresh[0].tolist()) == sorted(again[0].tolist())
-        assert len(np.unique(again[0])) == len(again[0])
-
-
-def test_graph_walk_with_huge_ef_visits_the_component(data: np.ndarray) -> None:
-    g = build_graph(data, degree=8)
-    ids, _ = graph_search(data, g, data[3], seeds=np.array([0]), ef=10_000)
-    assert len(ids) == len(data)  # reverse edges keep the graph connected here
 
 
 def test_clustered_graph_keeps_most_exact_neighbours(data: np.ndarray) -> None:
