@@ -4,8 +4,9 @@
 - ``transform``: every signal scored in its metric's reference space (see ``transform``), the best
   ``rerank`` candidates re-scored exactly on the raw signals.
 - ``hkmeans``: each shard's tree descent picks its ``n_probe`` nearest leaves; their members seed a
-  best-first walk over the shard's neighbour graph in reference space (``graph``), which keeps the
-  ``ef`` nearest points it meets; the best ``rerank`` of those are re-scored exactly.
+  best-first walk over the shard's neighbour graph in reference space (built by ``graph``, walked
+  over 8-bit codes by ``walk``), which keeps the ``ef`` nearest points it meets; the best
+  ``rerank`` of those are re-scored exactly (``rescore``).
 
 Manhattan borrows the euclidean space, whose order is a poor guide to L1: where the index keeps block
 sums (``block_sums``), every candidate found (hkmeans: all the walks keep; transform: the ``ef``

@@ -80,12 +80,16 @@ class TreeRss:
         while not self._stop.wait(self.every):
             try:
                 root = psutil.Process(self.pid)
-                by_role: dict[str, int] = {}
-                for p in [root, *root.children(recursive=True)]:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:  # the service itself has exited
+                continue
+            by_role: dict[str, int] = {}
+            for p in tree:
+                try:
                     role = "driver" if p.pid == self.pid else self._role(" ".join(p.cmdline()))
                     by_role[role] = by_role.get(role, 0) + p.memory_info().rss
-            except psutil.Error:  # a process exited between listing and reading
-                continue
+                except psutil.Error:  # exited between listing and reading, or a zombie: skip it, not the sample
+                    continue
             if sum(by_role.values()) > self.peak:
                 self.peak, self.peak_by_role = sum(by_role.values()), by_role
 
