@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from batch_index.index_files import file_checksum
 from batch_index.metrics import METRICS, scores
 from batch_index.search import MODES, SearchIndex, SearchParams
 from batch_index.synth import SynthConfig, generate
+from batch_index.tree import KMeansTree
 
 SMALL = BuildConfig(n_references=256, reference_sample=512, basis_rank=128, leaf_size=24, branching=8,
                     graph_degree=12)
@@ -168,6 +170,28 @@ def test_corrupt_missing_and_incompatible_index_refused(corpus, tmp_path: Path) 
     (tmp_path / "empty").mkdir()
     with pytest.raises(IndexFormatError, match="no manifest.json"):
         SearchIndex.load(tmp_path / "empty")
+
+
+def test_unverified_load_refuses_graph_and_tree_rows_out_of_range(corpus, tmp_path: Path) -> None:
+    """The compiled walk does no bounds checks: a stale or hand-edited shard must fail at load, not crash."""
+    ids, x = corpus
+    d = build_index(ids[:200], x[:200], tmp_path / "c", BuildConfig(n_references=32, basis_rank=16))
+    graph_path = next(d.glob("shards/*/graph-cosine.npy"))
+    graph = np.load(graph_path)
+    SearchIndex.load(d, verify=False)
+    bad = graph.copy()
+    bad[5, 0] = 200  # one past the last row
+    np.save(graph_path, bad)
+    with pytest.raises(IndexFormatError, match="graph 'cosine' of shard 0 names rows outside 0..199"):
+        SearchIndex.load(d, verify=False)
+    np.save(graph_path, graph)
+    tree_path = next(d.glob("shards/*/tree-euclidean.npz"))
+    tree = KMeansTree.from_bytes(tree_path.read_bytes())
+    order = tree.order.copy()
+    order[0] = -3
+    tree_path.write_bytes(replace(tree, order=order).to_bytes())
+    with pytest.raises(IndexFormatError, match="tree 'euclidean' of shard 0 names rows or nodes"):
+        SearchIndex.load(d, verify=False)
 
 
 @pytest.mark.parametrize("n_samples", [82, 140, 5000])
