@@ -138,7 +138,7 @@ class _Shard:
         return self.max_norm ** 2 if name == "dot" else 0.0
 
     def sq_norms(self, name: str) -> F32:
-        """Squared norms of :meth:`space`'s points, so the walk ranks by ``|p|^2 - 2 <p, q>`` (one GEMV)."""
+        """Squared norms of :meth:`space`'s points: ``transform`` mode ranks by ``|p|^2 - 2 <p, q>`` (one GEMM)."""
         key = f"{name}/sq"
         if key not in self._space_cache:
             pts = self.space(name)
