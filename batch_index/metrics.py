@@ -20,6 +20,8 @@ from batch_index.errors import UnknownMetricError
 
 METRICS: Final[tuple[str, ...]] = ("cosine", "euclidean", "manhattan", "dot")
 _EPS: Final[float] = 1e-12
+#: candidates beyond k that a float32 preselection passes on to float64 rescoring
+RESCORE_MARGIN: Final[int] = 32
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -136,7 +138,7 @@ def top_k_exact(
     k: int,
     *,
     block: int = 65536,
-    margin: int = 32,
+    margin: int = RESCORE_MARGIN,
     point_sq_norms: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.int64], F64]:
     """Exact top-k by brute force over ``points`` (which may be a memory map), block by block.

@@ -31,8 +31,8 @@ def approx_scores(query: F32, signals: np.ndarray, rows: I64, sq_norms: F32, met
     q = np.ascontiguousarray(query, dtype=np.float32)
     r = np.ascontiguousarray(rows, dtype=np.int64)
     if metric == "manhattan":
-        return -_l1(x, r, q)
-    dots = _dots(x, r, q)
+        return -_row_scores(x, r, q, True)
+    dots = _row_scores(x, r, q, False)
     if metric == "dot":
         return dots
     qq = np.float32(q @ q)
@@ -42,7 +42,8 @@ def approx_scores(query: F32, signals: np.ndarray, rows: I64, sq_norms: F32, met
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _dots(x, rows, q):  # type: ignore[no-untyped-def]
+def _row_scores(x, rows, q, l1):  # type: ignore[no-untyped-def]
+    """Per row of ``x[rows]``: its dot product with ``q``, or with ``l1`` its L1 distance to ``q``."""
     d = x.shape[1]
     flat = x.reshape(-1)
     out = np.empty(rows.shape[0], np.float32)
@@ -53,25 +54,11 @@ def _dots(x, rows, q):  # type: ignore[no-untyped-def]
             prefetch_span(flat, rows[k + _AHEAD] * d, d)
         r = rows[k]
         s = np.float32(0.0)
-        for j in range(d):
-            s += x[r, j] * q[j]
-        out[k] = s
-    return out
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _l1(x, rows, q):  # type: ignore[no-untyped-def]
-    d = x.shape[1]
-    flat = x.reshape(-1)
-    out = np.empty(rows.shape[0], np.float32)
-    for k in range(min(_AHEAD, rows.shape[0])):
-        prefetch_span(flat, rows[k] * d, d)
-    for k in range(rows.shape[0]):
-        if k + _AHEAD < rows.shape[0]:
-            prefetch_span(flat, rows[k + _AHEAD] * d, d)
-        r = rows[k]
-        s = np.float32(0.0)
-        for j in range(d):
-            s += abs(x[r, j] - q[j])
+        if l1:
+            for j in range(d):
+                s += abs(x[r, j] - q[j])
+        else:
+            for j in range(d):
+                s += x[r, j] * q[j]
         out[k] = s
     return out

@@ -37,7 +37,7 @@ from threadpoolctl import ThreadpoolController
 from batch_index.block_sums import block_sums, l1_lower_bound
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.index_files import load_npy, read_manifest, shard_dir
-from batch_index.metrics import METRICS, check_metric, scores, top_k, top_k_exact
+from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, scores, top_k, top_k_exact
 from batch_index.rescore import approx_scores
 from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
 from batch_index.tree import KMeansTree
@@ -159,7 +159,7 @@ class _Shard:
 
     @cached_property
     def signal_sq_norms(self) -> F32:
-        return (self.norms.astype(np.float32) ** 2).astype(np.float32)
+        return np.square(self.norms, dtype=np.float32)
 
 
 def _physical_memory() -> int:
@@ -412,7 +412,7 @@ class SearchIndex:
                     out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
         return out_i, out_s
 
-    def _rerank(self, query: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = 32
+    def _rerank(self, query: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = RESCORE_MARGIN
                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         """Exact top ``k`` of sorted global rows ``cand``: best first, float64 scores.
 
@@ -422,10 +422,8 @@ class SearchIndex:
         """
         if cand.size == 0:
             return cand, np.zeros(0)
-        which = self._locate(cand)
-        approx = np.concatenate([
-            approx_scores(query, s.signals, cand[which == w] - s.offset, s.signal_sq_norms, metric)
-            for w, s in ((w, self.shards[w]) for w in np.unique(which))])
+        approx = np.concatenate([approx_scores(query, s.signals, local, s.signal_sq_norms, metric)
+                                 for s, local in self._by_shard(cand)])
         keep = min(cand.size, k + margin)
         if keep < cand.size:
             cand = np.sort(cand[np.argpartition(-approx, keep - 1)[:keep]])
@@ -485,12 +483,15 @@ class SearchIndex:
 
     def _gather(self, global_rows: npt.NDArray[np.int64], field: str) -> F32:
         """Rows of a per-shard array (``signals``, ``l1``) for sorted global rows, shard by shard."""
+        parts = [np.asarray(getattr(s, field)[local]) for s, local in self._by_shard(global_rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _by_shard(self, global_rows: npt.NDArray[np.int64]) -> list[tuple[_Shard, npt.NDArray[np.int64]]]:
+        """Sorted global rows split into (shard, local rows), in shard order (so in row order)."""
         if len(self.shards) == 1:
-            return np.asarray(getattr(self.shards[0], field)[global_rows - self.shards[0].offset])
+            return [(self.shards[0], global_rows - self.shards[0].offset)]
         which = self._locate(global_rows)
-        parts = [getattr(self.shards[w], field)[global_rows[which == w] - self.shards[w].offset]
-                 for w in np.unique(which)]
-        return np.concatenate([np.asarray(p) for p in parts])
+        return [(self.shards[w], global_rows[which == w] - self.shards[w].offset) for w in np.unique(which)]
 
     def _exact(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         parts_i, parts_s = [], []

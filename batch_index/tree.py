@@ -84,23 +84,19 @@ class KMeansTree:
             return self.order
         beam = max(beam or 4 * n_probe, n_probe)
         q = np.ascontiguousarray(query, dtype=np.float32)
-        if route == "representative":
-            vectors = np.ascontiguousarray(points[self.rep])
-            sq = np.einsum("ij,ij->i", vectors, vectors)
-        else:
-            vectors, sq = self.centroid, self._centroid_sq
+        vectors, row_of_node = (points, self.rep) if route == "representative" else (self.centroid, self._node_ids)
         return _descend(self.child_start, self.child_count, self.leaf_start, self.leaf_count, self.order, vectors,
-                        sq, q, int(n_probe), int(beam))
+                        row_of_node, q, int(n_probe), int(beam))
 
     @cached_property
-    def _centroid_sq(self) -> F32:
-        return np.einsum("ij,ij->i", self.centroid, self.centroid)
+    def _node_ids(self) -> I32:
+        return np.arange(self.n_nodes, dtype=np.int32)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _descend(child_start, child_count, leaf_start, leaf_count, order, vectors, sq, query, n_probe, beam
+def _descend(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, query, n_probe, beam
              ):  # type: ignore[no-untyped-def]
-    """:meth:`KMeansTree.search` over node ``vectors`` (ranked by ``sq - 2 <v, q>``, i.e. by L2)."""
+    """:meth:`KMeansTree.search`: node ``i`` is ``vectors[row_of_node[i]]``, ranked by ``|v|^2 - 2 <v, q>`` (L2)."""
     frontier = np.arange(child_start[0], child_start[0] + child_count[0]).astype(np.int32)
     while True:
         n_kids = 0
@@ -128,11 +124,13 @@ def _descend(child_start, child_count, leaf_start, leaf_count, order, vectors, s
         if frontier.shape[0] > width:
             d = np.empty(frontier.shape[0], np.float32)
             for i in range(frontier.shape[0]):
-                s = np.float32(0.0)
-                v = vectors[frontier[i]]
+                vq = np.float32(0.0)
+                vv = np.float32(0.0)
+                v = vectors[row_of_node[frontier[i]]]
                 for j in range(query.shape[0]):
-                    s += v[j] * query[j]
-                d[i] = sq[frontier[i]] - np.float32(2.0) * s
+                    vq += v[j] * query[j]
+                    vv += v[j] * v[j]
+                d[i] = vv - np.float32(2.0) * vq
             frontier = frontier[np.argsort(d, kind="mergesort")[:width]]
         if not internal:
             break
