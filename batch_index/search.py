@@ -19,11 +19,13 @@ Scores returned are always the exact metric (higher = more similar); approximate
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -34,14 +36,14 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 from threadpoolctl import ThreadpoolController
 
-from batch_index.block_sums import block_sums, l1_lower_bound
+from batch_index.block_sums import block_sums
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.index_files import load_npy, read_manifest, shard_dir
-from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, scores, top_k, top_k_exact
-from batch_index.rescore import approx_scores
+from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
+from batch_index.rescore import approx_scores, exact_scores
 from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
 from batch_index.tree import KMeansTree
-from batch_index.walk import ScalarCodes, VisitStamps, walk
+from batch_index.walk import ScalarCodes, VisitStamps, walk_many
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +191,29 @@ def _check_bounds(shard: _Shard, number: int) -> None:
                 nodes and int((t.child_start + t.child_count).max()) > nodes) or (
                 nodes and int((t.leaf_start + t.leaf_count).max()) > t.order.size):
             raise IndexFormatError(f"tree {space!r} of shard {number} names rows or nodes that do not exist")
+
+
+#: fewer queries than this a thread are not worth a thread's hand-off (~50 us) and its GIL contention
+MIN_QUERIES_PER_THREAD: Final[int] = 8
+
+
+def _slices(n: int, threads: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of ``n`` queries, one per thread, each of at least ``MIN_QUERIES_PER_THREAD``."""
+    parts = max(1, min(threads, n // MIN_QUERIES_PER_THREAD))
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+
+
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="ecg-search")
+
+
+def _best(rows: npt.NDArray[np.int64], score: np.ndarray, keep: int) -> npt.NDArray[np.int64]:
+    """Per row, the ``keep`` of ``rows`` with the highest ``score``, sorted (-1, scored -inf, only to fill)."""
+    if rows.shape[1] <= keep:
+        return rows
+    return np.sort(np.take_along_axis(rows, np.argpartition(-score, keep - 1, axis=1)[:, :keep], 1), axis=1)
 
 
 @functools.cache
@@ -369,10 +394,12 @@ class SearchIndex:
 
     # ---- search --------------------------------------------------------------------------------
     def search(self, queries: npt.ArrayLike, metric: str, mode: str = "hkmeans", k: int = 10,
-               threshold: float | None = None, params: SearchParams | None = None) -> list[list[Match]]:
-        """Top-k matches per query, best first; rows below ``threshold`` are dropped."""
+               threshold: float | None = None, params: SearchParams | None = None, threads: int = 1
+               ) -> list[list[Match]]:
+        """Top-k matches per query, best first; rows below ``threshold`` are dropped (``threads``: see
+        :meth:`search_arrays`)."""
         q = self.check_queries(queries, metric, mode, k, threshold)
-        idx, sc = self.search_arrays(q, metric, mode, k, params or SearchParams.for_metric(metric))
+        idx, sc = self.search_arrays(q, metric, mode, k, params or SearchParams.for_metric(metric), threads)
         out = []
         for irow, srow in zip(idx, sc):
             keep = np.ones(len(irow), bool) if threshold is None else srow >= threshold
@@ -380,78 +407,103 @@ class SearchIndex:
             out.append([Match(i, float(s), r + 1) for r, (i, s) in enumerate(zip(ids, srow[keep]))])
         return out
 
-    def search_arrays(self, q: F32, metric: str, mode: str, k: int, params: SearchParams
+    def search_arrays(self, q: F32, metric: str, mode: str, k: int, params: SearchParams, threads: int = 1
                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Global row indices and exact scores, shape (nq, min(k, size)); inputs already checked."""
+        """Global row indices and exact scores, shape (nq, min(k, size)); inputs already checked.
+
+        ``threads`` > 1 answers slices of the queries in that many threads at once: every stage is a
+        compiled call over a whole slice that releases the GIL, so one process can use each core it
+        was given (a server answering a burst in its own process; Spark tasks keep 1, one per core).
+        """
         if mode == "exact":
             return self._exact(q, metric, k)
         kk = min(k, self.size)
-        out_i = np.zeros((len(q), kk), np.int64)
-        out_s = np.zeros((len(q), kk), np.float64)
-        space = SPACE_OF_METRIC[metric]
-        rerank = max(params.rerank, kk)
-        by_blocks = metric == "manhattan" and self.l1_blocks > 0
-        # every candidate the walks keep goes to the block-sum order; transform keeps its ef nearest
-        pool = (None if mode == "hkmeans" else max(params.ef, rerank)) if by_blocks else rerank
         # many small BLAS calls per query: threads only add contention (and fight Spark's own). The
         # transform too: OpenBLAS threads left from one multi-threaded call spin for a while after it,
         # measured doubling the CPU time of every hkmeans query served outside Spark's workers
         with _blas_controller().limit(limits=1, user_api="blas"):
             zq, nq = self.transform.apply(q)
-            aq = space_queries(zq, nq, space)
-            q_sums = block_sums(q, self.l1_blocks) if by_blocks else None
-            for i, cand in enumerate(self._candidates(aq, space, mode, params, pool)):
-                cand = np.sort(cand)
-                if q_sums is not None and cand.size > rerank:
-                    bound = l1_lower_bound(q_sums[i], self._gather(cand, "l1"))
-                    cand = np.sort(cand[np.argpartition(bound, rerank - 1)[:rerank]])
-                top, exact = self._rerank(q[i], cand, metric, kk)
-                n = len(top)
-                out_i[i, :n], out_s[i, :n] = top, exact
-                if n < kk:  # fewer candidates than k: pad from exact search rather than return short lists
-                    out_i[i], out_s[i] = (a[0] for a in self._exact(q[i:i + 1], metric, kk))
-        return out_i, out_s
+            aq = space_queries(zq, nq, SPACE_OF_METRIC[metric])
+            slices = _slices(len(q), threads)
+            if len(slices) == 1:
+                return self._answer(q, aq, metric, mode, kk, params)
+            parts = [f.result() for f in [_thread_pool(len(slices)).submit(
+                self._answer, q[lo:hi], aq[lo:hi], metric, mode, kk, params) for lo, hi in slices]]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _rerank(self, query: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = RESCORE_MARGIN
+    def _answer(self, q: F32, aq: F32, metric: str, mode: str, k: int, params: SearchParams
                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Exact top ``k`` of sorted global rows ``cand``: best first, float64 scores.
+        """:meth:`search_arrays` of queries ``q`` (``aq`` in their metric's space), stage by stage over all of them."""
+        space = SPACE_OF_METRIC[metric]
+        rerank = max(params.rerank, k)
+        by_blocks = metric == "manhattan" and self.l1_blocks > 0
+        # every candidate the walks keep goes to the block-sum order; transform keeps its ef nearest
+        pool = (None if mode == "hkmeans" else max(params.ef, rerank)) if by_blocks else rerank
+        cand = self._candidates(aq, space, mode, params, pool)
+        if by_blocks and cand.shape[1] > rerank:
+            q_sums = block_sums(q, self.l1_blocks)
+            near = self._per_shard(cand, lambda s, local: approx_scores(q_sums, s.l1, local, s.signal_sq_norms,
+                                                                        "manhattan"))
+            cand = _best(cand, near, rerank)
+        top, exact = self._rerank(q, cand, metric, k)
+        for i in np.flatnonzero((top < 0).any(axis=1)):  # fewer candidates than k: pad from exact search
+            top[i], exact[i] = (a[0] for a in self._exact(q[i:i + 1], metric, k))
+        return top, exact
+
+    def _rerank(self, q: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = RESCORE_MARGIN
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Exact top ``k`` of each row of global rows ``cand`` (-1: none): best first, float64 scores.
 
         float32 scores over every candidate (read in place, ``rescore``), float64 rescoring of the best
         ``k + margin``: the same answer as scoring them all in float64 (exact mode's guarantee), as in
-        :func:`batch_index.metrics.top_k_exact`.
+        :func:`batch_index.metrics.top_k_exact`. Ties go to the lower row, as there.
         """
-        if cand.size == 0:
-            return cand, np.zeros(0)
-        approx = np.concatenate([approx_scores(query, s.signals, local, s.signal_sq_norms, metric)
-                                 for s, local in self._by_shard(cand)])
-        keep = min(cand.size, k + margin)
-        if keep < cand.size:
-            cand = np.sort(cand[np.argpartition(-approx, keep - 1)[:keep]])
-        exact = scores(query, self._rows(cand), metric)
-        best = top_k(exact, min(k, cand.size))
-        return cand[best], exact[best]
+        approx = self._per_shard(cand, lambda s, local: approx_scores(q, s.signals, local, s.signal_sq_norms, metric))
+        cand = _best(cand, approx, k + margin)
+        exact = self._per_shard(cand, lambda s, local: exact_scores(q, s.signals, local, metric))
+        if cand.shape[1] < k:  # a tiny index: pad, so that the caller sees the missing rows as -1
+            cand = np.pad(cand, ((0, 0), (0, k - cand.shape[1])), constant_values=-1)
+            exact = np.pad(exact, ((0, 0), (0, k - exact.shape[1])), constant_values=-np.inf)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
+
+    def _per_shard(self, rows: npt.NDArray[np.int64], score: Callable[[_Shard, npt.NDArray[np.int64]], np.ndarray]
+                   ) -> np.ndarray:
+        """``score(shard, local rows)`` for global ``rows`` (-1: none) of any shape, each row scored by its shard."""
+        if len(self.shards) == 1:
+            s = self.shards[0]
+            return score(s, np.where(rows >= 0, rows - s.offset, -1))
+        out: np.ndarray | None = None
+        for s in self.shards:
+            mine = (rows >= s.offset) & (rows < s.offset + len(s.ids))
+            part = score(s, np.where(mine, rows - s.offset, -1))
+            out = part if out is None else np.where(mine, part, out)
+        assert out is not None
+        return out
 
     def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, keep: int | None
-                    ) -> Iterator[npt.NDArray[np.int64]]:
-        """Per query, global rows: the ``keep`` nearest found in reference space (None: all the walks found)."""
+                    ) -> npt.NDArray[np.int64]:
+        """Per query (row), sorted global rows: the ``keep`` nearest found in reference space (None: all the
+        walks found); -1 where fewer were found."""
         if mode == "transform":
-            yield from self._transform_candidates(aq, space, keep or self.size)
-            return
-        for a in aq:
-            cands, dists = [], []
-            for s in self.shards:
-                pts = s.space(space)
-                seeds = s.trees[space].search(pts, a, params.n_probe, params.route)
-                local, d = walk(s.codes(space), s.graphs[space], a, seeds, params.ef, s.visits())
-                cands.append(local + s.offset)
-                dists.append(d - s.space_offset(space))
-            cand, dist = np.concatenate(cands), np.concatenate(dists)
-            yield cand if keep is None or cand.size <= keep else cand[np.argpartition(dist, keep - 1)[:keep]]
+            return np.sort(self._transform_candidates(aq, space, keep or self.size), axis=1)
+        cands, dists = [], []
+        for s in self.shards:
+            local, d = walk_many(s.codes(space), s.graphs[space], aq,
+                                 s.trees[space].descent(s.space(space), params.n_probe, params.route), params.ef,
+                                 s.visits())
+            cands.append(np.where(local >= 0, local + s.offset, -1))
+            dists.append(d - s.space_offset(space))
+        cand, dist = (cands[0], dists[0]) if len(cands) == 1 else (np.hstack(cands), np.hstack(dists))
+        if keep is not None and cand.shape[1] > keep:
+            cand = np.take_along_axis(cand, np.argpartition(dist, keep - 1, axis=1)[:, :keep], 1)
+        return np.sort(cand, axis=1)
 
     def _transform_candidates(self, aq: F32, space: str, rerank: int, block_bytes: int = 1 << 27
-                              ) -> Iterator[npt.NDArray[np.int64]]:
+                              ) -> npt.NDArray[np.int64]:
         """Brute force in reference space: one GEMM per block of queries and shard."""
         rows = max(1, block_bytes // (4 * max(len(s.z) for s in self.shards)))
+        out = []
         for lo in range(0, len(aq), rows):
             block = aq[lo:lo + rows]
             cands, dists = [], []
@@ -467,8 +519,10 @@ class SearchIndex:
                 cands.append(part + s.offset)
                 dists.append(np.take_along_axis(d, part, axis=1))
             cand, dist = np.hstack(cands), np.hstack(dists)
-            for c, d in zip(cand, dist):
-                yield c if c.size <= rerank else c[np.argpartition(d, rerank - 1)[:rerank]]
+            if cand.shape[1] > rerank:
+                cand = np.take_along_axis(cand, np.argpartition(dist, rerank - 1, axis=1)[:, :rerank], 1)
+            out.append(cand)
+        return np.vstack(out) if out else np.zeros((0, 0), np.int64)
 
     def signals_of(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of global rows (any order), e.g. to re-score results outside the index."""

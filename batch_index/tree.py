@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, fields
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,13 +81,14 @@ class KMeansTree:
         by centroid or by representative point; the last step keeps ``n_probe`` leaves. Compiled
         (numba): in numpy its dozen small calls per level cost ~0.2 ms a query, a tenth of a search.
         """
-        if self.child_count[0] == 0:
-            return self.order
-        beam = max(beam or 4 * n_probe, n_probe)
-        q = np.ascontiguousarray(query, dtype=np.float32)
+        return descend(*self.descent(points, n_probe, route, beam), np.ascontiguousarray(query, dtype=np.float32))
+
+    def descent(self, points: F32, n_probe: int, route: str = "centroid", beam: int = 0) -> tuple[Any, ...]:
+        """What :func:`descend` takes before the query: the tree's arrays, the routing vectors, n_probe, beam
+        (compiled callers, e.g. :func:`batch_index.walk.walk_many`, descend many queries in one call)."""
         vectors, row_of_node = (points, self.rep) if route == "representative" else (self.centroid, self._node_ids)
-        return _descend(self.child_start, self.child_count, self.leaf_start, self.leaf_count, self.order, vectors,
-                        row_of_node, q, int(n_probe), int(beam))
+        return (self.child_start, self.child_count, self.leaf_start, self.leaf_count, self.order, vectors, row_of_node,
+                int(n_probe), int(max(beam or 4 * n_probe, n_probe)))
 
     @cached_property
     def _node_ids(self) -> I32:
@@ -94,9 +96,11 @@ class KMeansTree:
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _descend(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, query, n_probe, beam
-             ):  # type: ignore[no-untyped-def]
+def descend(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, n_probe, beam, query
+            ):  # type: ignore[no-untyped-def]
     """:meth:`KMeansTree.search`: node ``i`` is ``vectors[row_of_node[i]]``, ranked by ``|v|^2 - 2 <v, q>`` (L2)."""
+    if child_count[0] == 0:  # the root is a leaf: every point
+        return order.copy()
     frontier = np.arange(child_start[0], child_start[0] + child_count[0]).astype(np.int32)
     while True:
         n_kids = 0

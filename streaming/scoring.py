@@ -92,8 +92,11 @@ class BatchStats:
 
 def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic: str, dead_letter_topic: str,
                  limits: Limits = DEFAULT_LIMITS, params: Mapping[str, Any] | None = None,
-                 received_at: datetime | None = None) -> tuple[list[Outgoing], BatchStats]:
-    """Decode, validate and score ``records``; returns the messages to publish and the batch's stats."""
+                 received_at: datetime | None = None, threads: int = 1) -> tuple[list[Outgoing], BatchStats]:
+    """Decode, validate and score ``records``; returns the messages to publish and the batch's stats.
+
+    ``threads``: how many threads each group's search may use (the process's share of the cores).
+    """
     received_at = received_at or datetime.now(timezone.utc)
     stats = BatchStats(records=len(records), index_version=index.version, offsets=_offset_ranges(records))
     out: list[Outgoing] = []
@@ -113,7 +116,7 @@ def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic
         stats.groups += 1
         try:
             matches = index.search(np.stack([q.sample for q in queries]), metric, mode, k, threshold,
-                                   SearchParams.for_metric(metric, **(params or {})))
+                                   SearchParams.for_metric(metric, **(params or {})), threads)
         except Exception as e:  # a bug, not bad input: answer INTERNAL, keep serving
             logger.exception("scoring %d %s/%s queries failed with index %s", len(queries), metric, mode,
                              index.version)

@@ -77,6 +77,16 @@ def test_approximate_recall_against_exact(index: SearchIndex, queries, metric: s
     assert np.all(np.diff(got_scores, axis=1) <= 1e-12)  # best first
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_threads_answer_as_one_thread_does(index: SearchIndex, queries, metric: str) -> None:
+    for mode in ("transform", "hkmeans"):
+        one = index.search_arrays(queries, metric, mode, 10, SearchParams.for_metric(metric))
+        for threads in (2, 3):
+            got = index.search_arrays(queries, metric, mode, 10, SearchParams.for_metric(metric), threads=threads)
+            np.testing.assert_array_equal(got[0], one[0])
+            np.testing.assert_array_equal(got[1], one[1])
+
+
 @pytest.mark.parametrize("mode", ["transform", "hkmeans"])
 def test_dot_ranks_candidates_across_shards_of_different_norms(corpus, queries, tmp_path: Path, mode: str) -> None:
     """Each shard's dot space pads points up to that shard's largest norm: merging shards must undo it."""

@@ -10,8 +10,9 @@ import pytest
 
 from batch_index.graph import build_graph
 from batch_index.metrics import METRICS, scores
-from batch_index.rescore import approx_scores
-from batch_index.walk import ScalarCodes, VisitStamps, walk
+from batch_index.rescore import approx_scores, exact_scores
+from batch_index.tree import build_tree
+from batch_index.walk import ScalarCodes, VisitStamps, walk, walk_many
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +119,31 @@ def test_in_place_scores_match_exact_scores_on_a_memory_map(tmp_path: Path, data
     path = tmp_path / "signals.npy"
     np.save(path, data)
     mm = np.load(path, mmap_mode="r")
-    rows = np.array([3, 5, 6, 100, 799], dtype=np.int64)
-    q = data[42] * 0.9 + 0.01
+    rows = np.array([[3, 5, 6, 100, 799], [-1, 7, -1, 8, 9]], dtype=np.int64)  # -1: no row, scored -inf
+    q = np.stack([data[42] * 0.9 + 0.01, data[7] + 0.5])
     got = approx_scores(q, mm, rows, (data.astype(np.float32) ** 2).sum(axis=1), metric)
-    want = scores(q, data[rows], metric)
-    if metric == "euclidean":  # approx_scores gives -|q - x|^2, the order of 1 / (1 + |q - x|)
-        want = -((data[rows].astype(np.float64) - q) ** 2).sum(axis=1)
-    if metric == "manhattan":
-        want = -np.abs(data[rows].astype(np.float64) - q).sum(axis=1)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+    exact = exact_scores(q, mm, rows, metric)
+    for i in range(2):
+        real = rows[i] >= 0
+        want = scores(q[i], data[rows[i][real]], metric)
+        np.testing.assert_allclose(exact[i][real], want, rtol=1e-12)  # float64, as exact mode
+        assert (exact[i][~real] == -np.inf).all() and (got[i][~real] == -np.inf).all()
+        if metric == "euclidean":  # approx_scores gives -|q - x|^2, the order of 1 / (1 + |q - x|)
+            want = -((data[rows[i][real]].astype(np.float64) - q[i]) ** 2).sum(axis=1)
+        if metric == "manhattan":
+            want = -np.abs(data[rows[i][real]].astype(np.float64) - q[i]).sum(axis=1)
+        np.testing.assert_allclose(got[i][real], want, rtol=1e-4, atol=1e-2)
+
+
+def test_walk_many_equals_one_walk_per_query_from_the_tree_seeds(data: np.ndarray, graph: np.ndarray,
+                                                                 codes: ScalarCodes) -> None:
+    tree = build_tree(data, branching=4, leaf_size=16)
+    queries = data[:30] + 0.05
+    ids, dist = walk_many(codes, graph, queries, tree.descent(data, n_probe=2), 24, VisitStamps(len(data)))
+    assert ids.shape == dist.shape == (30, 24)
+    for i, q in enumerate(queries):
+        one, d = walk(codes, graph, q, tree.search(data, q, n_probe=2), 24, VisitStamps(len(data)))
+        assert sorted(ids[i][ids[i] >= 0].tolist()) == sorted(one.tolist())
+        np.testing.assert_allclose(np.sort(dist[i][ids[i] >= 0]), np.sort(d), rtol=1e-5)
+    tiny = walk_many(codes, graph, queries[:2], tree.descent(data, n_probe=1), 5000, VisitStamps(len(data)))[0]
+    assert ((tiny >= 0).sum(axis=1) == len(data)).all() and (tiny == -1).any()  # ef past the shard: -1 padded
