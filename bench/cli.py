@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steady rates, queries/s (default 10,100)")
     e.add_argument("--rate-seconds", type=float, default=30.0)
     e.add_argument("--burst", type=int, default=1000)
+    e.add_argument("--bursts", type=int, default=3, help="times the burst is sent, 2 s apart (default %(default)s)")
     e.add_argument("--sustained", type=_mode_counts, default=(("hkmeans", 4000), ("transform", 4000), ("exact", 400)),
                    help="MODE:QUERIES,... drained as a backlog (default hkmeans:4000,transform:4000,exact:400)")
     e.add_argument("--sustained-metrics", type=lambda t: tuple(m for m in t.split(",") if m),
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         e2e.run(e2e.E2EConfig(
             n=args.n, metric=args.metric, mode=args.mode, rates=args.rates, rate_seconds=args.rate_seconds,
-            burst=args.burst, sustained=args.sustained, sustained_metrics=args.sustained_metrics,
+            burst=args.burst, bursts=args.bursts, sustained=args.sustained, sustained_metrics=args.sustained_metrics,
             master=args.master, serve_args=tuple(args.serve_arg),
             index=args.index, bootstrap=args.bootstrap, seed=args.seed, workdir=args.workdir, out=args.out),
             _command(argv))

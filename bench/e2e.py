@@ -43,6 +43,7 @@ class E2EConfig:
     rates: tuple[float, ...] = (10.0, 100.0)
     rate_seconds: float = 30.0
     burst: int = 1000
+    bursts: int = 3  # the burst is repeated (2 s apart): one burst says little on a host whose speed drifts
     sustained: tuple[tuple[str, int], ...] = (("hkmeans", 4000), ("transform", 4000), ("exact", 400))
     sustained_metrics: tuple[str, ...] = ("euclidean", "manhattan", "dot")  # hkmeans backlogs in other metrics
     distinct_queries: int = 1000
@@ -197,8 +198,10 @@ def run(cfg: E2EConfig, command: str) -> Path:
                 for rate in cfg.rates:
                     phases.append(drv.paced(rate, cfg.rate_seconds, cfg.mode, cfg.reply_timeout))
                     time.sleep(2)
-                phases.append(drv.burst(f"burst of {cfg.burst}", cfg.burst, cfg.mode, cfg.reply_timeout))
-                time.sleep(2)
+                for j in range(cfg.bursts):
+                    name = f"burst of {cfg.burst}" + (f" #{j + 1}" if cfg.bursts > 1 else "")
+                    phases.append(drv.burst(name, cfg.burst, cfg.mode, cfg.reply_timeout))
+                    time.sleep(2)
                 for mode, n in cfg.sustained:
                     phases.append(drv.burst(f"sustained {mode}", n, mode, cfg.reply_timeout))
                     time.sleep(2)
@@ -265,9 +268,12 @@ def _targets(rows: list[dict[str, Any]]) -> list[list[Any]]:
     if (r := by.get("steady 10 q/s")) is not None:
         out += [["p50 <= 600 ms at 10 q/s", f"{r['p50_ms']:.0f} ms", r["p50_ms"] <= 600],
                 ["p99 <= 1,000 ms at 10 q/s", f"{r['p99_ms']:.0f} ms", r["p99_ms"] <= 1000]]
-    if (r := next((r for r in rows if r["phase"].startswith("burst")), None)) is not None:
-        out.append([f"{r['phase']} answered within 2 s", f"{r['wall_s']:.2f} s",
-                    r["wall_s"] <= 2.0 and r["missing"] == 0])
+    if bursts := [r for r in rows if r["phase"].startswith("burst")]:
+        worst = max(r["wall_s"] for r in bursts)
+        each = " (each: " + ", ".join(f"{r['wall_s']:.2f}" for r in bursts) + " s)" if len(bursts) > 1 else ""
+        out.append([f"{'every ' if len(bursts) > 1 else ''}burst of {bursts[0]['sent']} answered within 2 s",
+                    f"{'worst ' if len(bursts) > 1 else ''}{worst:.2f} s{each}",
+                    worst <= 2.0 and all(r["missing"] == 0 for r in bursts)])
     if (r := by.get("sustained hkmeans")) is not None:
         out.append([f">= 500 q/s sustained (hkmeans, {r['metric']})", f"{r['answered_qps']:.0f} q/s",
                     r["answered_qps"] >= 500])

@@ -112,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--ef", "ECG_EF", None, "hkmeans: points the graph walk keeps (default: per metric)", type=int)
     _add(s, "--rerank", "ECG_RERANK", None, "candidates re-scored exactly (default: per metric)", type=int)
     _add(s, "--master", "SPARK_MASTER", "local[2]", "Spark master")
-    _add(s, "--executor-min-batch", "ECG_EXECUTOR_MIN_BATCH", 128, "micro-batches of at least this many "
+    _add(s, "--executor-min-batch", "ECG_EXECUTOR_MIN_BATCH", None, "micro-batches of at least this many "
          "queries are answered on the executors, one slice per core; smaller ones on the driver; "
-         "0 = always the driver", type=int)
+         "0 = always the driver; unset: 0 on a local master (its executors share the driver's cores), "
+         "128 on a cluster", type=int)
+    _add(s, "--search-threads", "ECG_SEARCH_THREADS", None, "threads the driver's search uses; "
+         "unset: one per core of the driver", type=int)
     _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
     s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     s.add_argument("--spark-conf", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
@@ -162,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_bytes=args.max_batch_bytes, max_read_ms=args.max_read_ms, read_quiet_ms=args.read_quiet_ms,
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
         n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
-        executor_min_batch=args.executor_min_batch, create_topics=not args.no_create_topics,
+        executor_min_batch=args.executor_min_batch, search_threads=args.search_threads,
+        create_topics=not args.no_create_topics,
         metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
         spark_conf=tuple(args.spark_conf), **extra)
     return serve(cfg)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import tempfile
@@ -92,7 +93,9 @@ class ServeConfig:
     ef: int | None = None                  # settings (batch_index.search.DEFAULT_PARAMS)
     rerank: int | None = None
     master: str = "local[2]"
-    executor_min_batch: int = 128          # batches this large are answered on executors; 0 = driver only
+    executor_min_batch: int | None = None  # batches this large are answered on executors; 0 = driver only;
+                                           # None: 0 on a local master (same cores), 128 on a cluster
+    search_threads: int | None = None      # threads the driver's search uses; None: the driver's cores
     create_topics: bool = True             # create missing queries/replies/dead-letter topics at start
     query_partitions: int = 1
     metrics_file: str | None = None        # append each batch's metrics as a JSON line
@@ -115,8 +118,10 @@ class ServeConfig:
                      "rerank", "query_partitions"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
-        if self.executor_min_batch < 0:
+        if self.executor_min_batch is not None and self.executor_min_batch < 0:
             raise ConfigError(f"executor min batch must be >= 0, got {self.executor_min_batch}")
+        if self.search_threads is not None and self.search_threads < 1:
+            raise ConfigError(f"search threads must be >= 1, got {self.search_threads}")
         if self.max_read_ms < 1:
             raise ConfigError(f"max read ms must be >= 1, got {self.max_read_ms}")
         if self.read_quiet_ms < 0:
@@ -134,6 +139,22 @@ class ServeConfig:
             return self.checkpoint
         where = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.queries_topic}@{self.bootstrap}")
         return str(Path(tempfile.gettempdir()) / "ecg-streaming" / where)
+
+    @property
+    def executor_threshold(self) -> int:
+        """Records from which a micro-batch goes to the executors (0: never).
+
+        On a local master the executors are the driver's own cores, and the driver's threaded search
+        answers a batch without a Spark job (measured with 1,000 queries at 10^5: 0.95 s in the driver
+        with 2 threads, 1.2-1.3 s on the 2 executors, which pay ~0.25 s to ship the records).
+        """
+        if self.executor_min_batch is not None:
+            return self.executor_min_batch
+        return 0 if self.master.strip().startswith("local") else 128
+
+    @property
+    def driver_threads(self) -> int:
+        return self.search_threads or len(os.sched_getaffinity(0))
 
     @property
     def search_overrides(self) -> dict[str, int]:
@@ -206,14 +227,14 @@ class BatchHandler:
         answer = dict(replies_topic=self.cfg.replies_topic, dead_letter_topic=self.cfg.dead_letter_topic,
                       limits=self.limits, params=self.params, received_at=received_at)
         where = "driver"
-        if self.cfg.executor_min_batch and table.num_rows >= self.cfg.executor_min_batch:
+        if self.cfg.executor_threshold and table.num_rows >= self.cfg.executor_threshold:
             try:
                 out, stats = answer_on_executors(df.sparkSession, table, index, **answer)
                 where = "executors"
             except Exception:  # a lost worker must not lose the batch: answer it here instead
                 logger.exception("answering batch %d on the executors failed; answering it on the driver", batch_id)
         if where == "driver":
-            out, stats = answer_batch(records_of(table), index, **answer)
+            out, stats = answer_batch(records_of(table), index, **answer, threads=self.cfg.driver_threads)
         t1 = time.perf_counter()
         report = deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
                          abort=self.abort)
@@ -329,7 +350,7 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
     """Start the streaming query (the index must load first: fail fast rather than mid-stream)."""
     handler = handler or BatchHandler(cfg)
     index = handler.holder.current()
-    if cfg.executor_min_batch:
+    if cfg.executor_threshold:
         warm_up(spark, index)
     try:  # connect now, and fail clearly when the broker cannot be reached with these settings
         handler.publisher.producer.list_topics(cfg.replies_topic, timeout=30)

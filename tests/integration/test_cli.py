@@ -31,6 +31,20 @@ def test_parser_env_defaults_and_help(monkeypatch: pytest.MonkeyPatch, capsys: p
     assert "KAFKA_BOOTSTRAP" in capsys.readouterr().out
 
 
+def test_where_batches_are_answered_follows_the_master() -> None:
+    from streaming.job import ConfigError, ServeConfig
+
+    local = ServeConfig(bootstrap="h:1", index="ix")
+    assert local.executor_threshold == 0 and local.driver_threads >= 1  # executors are the driver's own cores
+    assert ServeConfig(bootstrap="h:1", index="ix", master="spark://m:7077").executor_threshold == 128
+    assert ServeConfig(bootstrap="h:1", index="ix", executor_min_batch=5).executor_threshold == 5
+    assert ServeConfig(bootstrap="h:1", index="ix", search_threads=3).driver_threads == 3
+    with pytest.raises(ConfigError, match="search threads"):
+        ServeConfig(bootstrap="h:1", index="ix", search_threads=0)
+    args = build_parser().parse_args(["serve", "--bootstrap", "h:1", "--index", "ix", "--search-threads", "2"])
+    assert (args.search_threads, args.executor_min_batch) == (2, None)
+
+
 def test_usage_errors_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
     with pytest.raises(SystemExit) as e:

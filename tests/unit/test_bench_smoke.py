@@ -109,18 +109,19 @@ def test_e2e_study_serves_through_a_real_broker(tmp_path):
 
     ids, _, x = generate(0, 300, SynthConfig(seed=0))
     index = build_index(list(ids), x, tmp_path / "index", BuildConfig(n_references=16))
-    cfg = e2e.E2EConfig(n=300, index=Path(index), rates=(20.0,), rate_seconds=1.0, burst=30,
+    cfg = e2e.E2EConfig(n=300, index=Path(index), rates=(20.0,), rate_seconds=1.0, burst=30, bursts=2,
                         sustained=(("hkmeans", 30), ("exact", 5)), sustained_metrics=("dot",), distinct_queries=10,
                         serve_args=("--executor-min-batch", "8"), reply_timeout=120, workdir=tmp_path / "w",
                         out=tmp_path / "out")
     e2e.run(cfg, "pytest")
     rows = {r["phase"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
-    assert list(rows) == ["steady 20 q/s", "burst of 30", "sustained hkmeans", "sustained exact",
+    assert list(rows) == ["steady 20 q/s", "burst of 30 #1", "burst of 30 #2", "sustained hkmeans", "sustained exact",
                           "sustained hkmeans dot"]
     assert rows["sustained hkmeans dot"]["metric"] == "dot"
     assert all(r["missing"] == "0" and float(r["p50_ms"]) > 0 for r in rows.values())
     text = (tmp_path / "out" / "README.md").read_text()
     assert "Start-up" in text and "| executors |" in text  # the burst went to the executors
+    assert "every burst of 30 answered within 2 s" in text and "(each: " in text
 
 
 @pytest.mark.spark
