@@ -1,11 +1,12 @@
-"""Large micro-batches are answered on Spark's executors, small ones on the driver.
+"""Large micro-batches are answered on Spark's executors when they add cores beyond the driver's.
 
-Answering a query (decode, validate, hkmeans search, encode) is pure Python and numpy work of a few
-milliseconds; on the driver it runs on one core, which caps a burst at a few hundred queries per
-second. A batch of at least ``ServeConfig.executor_min_batch`` records is therefore split into one
-slice per core and each slice is answered by :func:`streaming.scoring.answer_batch` in a Spark
-Python worker; the driver only publishes the replies. Below that size the Spark job's own cost (task
-launch and transfer: ~0.1 s) outweighs the gain, and the driver answers at once.
+Answering a query (decode, validate, hkmeans search, encode) is a millisecond of compiled work; the
+driver spreads a batch over its own cores in threads (``ServeConfig.driver_threads``), which on a local
+master are all the cores there are. On a cluster a batch of at least ``ServeConfig.executor_threshold``
+records is split into one slice per executor core and each slice is answered by
+:func:`streaming.scoring.answer_batch` in a Spark Python worker; the driver only publishes the replies.
+Below that size the Spark job's own cost (task launch and shipping the records: ~0.1-0.25 s) outweighs
+the gain.
 
 The index is not pickled into tasks: executors memory-map the same version directory the driver
 serves (``batch_index.spark_job.cached_index``), loaded once per Python worker and version, which is

@@ -3,15 +3,17 @@
 Layers: :mod:`streaming.scoring` answers a batch of records with plain numpy; :class:`BatchHandler`
 adapts it to ``foreachBatch``; :func:`start_query` wires the DataFrames.
 
-Where queries are answered, and why: small micro-batches (the steady trickle) in the driver's Python
-process inside ``foreachBatch``: the source is a driver-side reader anyway (see
-:mod:`streaming.kafka_source`), the index is memory-mapped and loaded once per version in this
-long-lived process (:mod:`streaming.index_cache`), and no task launch or Python worker round trip sits
-on the latency path. Micro-batches of ``executor_min_batch`` records or more (bursts, backlogs) are
-answered on the executors, one slice per core (:mod:`streaming.executor_scoring`), each Python
-worker holding the same index version memory-mapped: answering is CPU-bound, and one driver core
-would cap throughput. For indexes too large for one machine the shard layout allows scoring shard by
-shard (``mapInArrow`` over shards, merge top-k on the driver, as the batch search does).
+Where queries are answered, and why: in the driver's Python process inside ``foreachBatch``: the
+source is a driver-side reader anyway (see :mod:`streaming.kafka_source`), the index is memory-mapped
+and loaded once per version in this long-lived process (:mod:`streaming.index_cache`), and no task
+launch or Python worker round trip sits on the latency path. The search runs in
+``ServeConfig.driver_threads`` threads (its compiled stages release the GIL), so on a local master,
+whose executors are the driver's own cores, the driver answers every batch. On a cluster, micro-batches
+of ``executor_threshold`` records or more (bursts, backlogs) are answered on the executors, one slice
+per core (:mod:`streaming.executor_scoring`), each Python worker holding the same index version
+memory-mapped: that is where more cores than the driver's are. For indexes too large for one machine
+the shard layout allows scoring shard by shard (``mapInArrow`` over shards, merge top-k on the
+driver, as the batch search does).
 
 Delivery is at-least-once: a batch's replies are acknowledged by the broker before ``foreachBatch``
 returns, and only then does Spark commit the batch; a crash in between replays the batch from the
