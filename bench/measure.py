@@ -40,6 +40,15 @@ def _faiss() -> Any:
     return faiss
 
 
+_caps: list[int] = []
+
+
+def thread_cap() -> int:
+    """The innermost :func:`capped_threads` cap (1 outside any): what a system with threads of its own,
+    as our search's ``threads``, may use, as FAISS's OpenMP pool may."""
+    return _caps[-1] if _caps else 1
+
+
 @contextmanager
 def capped_threads(n: int) -> Iterator[None]:
     """Cap every BLAS/OpenMP pool (threadpoolctl) and FAISS's OpenMP pool at ``n`` threads."""
@@ -48,9 +57,11 @@ def capped_threads(n: int) -> Iterator[None]:
     with threadpool_limits(limits=n):
         if faiss:
             faiss.omp_set_num_threads(n)
+        _caps.append(n)
         try:
             yield
         finally:
+            _caps.pop()
             if faiss:
                 faiss.omp_set_num_threads(before)
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from batch_index.search import SearchIndex, SearchParams
 from batch_index.transform import SPACE_OF_METRIC
-from bench.measure import F32, SearchFn, _faiss
+from bench.measure import F32, SearchFn, _faiss, thread_cap
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def ours(index: SearchIndex, metric: str, k: int, sweep: Sweep, build_s: float) 
             shared += size
 
     def fn(mode: str, p: SearchParams) -> SearchFn:
-        return lambda q: index.search_arrays(q, metric, mode, k, p)[0]
+        return lambda q: index.search_arrays(q, metric, mode, k, p, threads=thread_cap())[0]
 
     mb = lambda b: b / 1e6  # noqa: E731
     out = [Config("exact", "-", fn("exact", SearchParams()), build_s, 0.0, mb(raw))]

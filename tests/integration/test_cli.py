@@ -45,6 +45,24 @@ def test_where_batches_are_answered_follows_the_master() -> None:
     assert (args.search_threads, args.executor_min_batch) == (2, None)
 
 
+def test_gc_pauses_are_counted() -> None:
+    import gc
+
+    from streaming.job import GcPauses
+
+    pauses = GcPauses()
+    try:
+        junk = [[i] for i in range(200_000)]
+        gc.collect()
+        assert pauses.total_ms > 0
+        del junk
+    finally:
+        pauses.close()
+    before = pauses.total_ms
+    gc.collect()
+    assert pauses.total_ms == before  # closed: no longer counting
+
+
 def test_usage_errors_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
     with pytest.raises(SystemExit) as e:
