@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
          type=int)
     _add(s, "--max-read-ms", "ECG_MAX_READ_MS", 300, "ckafka: a micro-batch stops reading this many ms after "
          "it has queries, even without reaching the end of the topic", type=int)
-    _add(s, "--read-quiet-ms", "ECG_READ_QUIET_MS", 20, "ckafka: a micro-batch that reached the end of the topic "
+    _add(s, "--read-quiet-ms", "ECG_READ_QUIET_MS", 50, "ckafka: a micro-batch that reached the end of the topic "
          "waits this many ms for more queries (a burst is answered as one batch); 0 = none", type=int)
     _add(s, "--trigger-ms", "ECG_TRIGGER_MS", 0, "micro-batch interval; 0 = back to back (lowest latency)",
          type=int)

@@ -88,7 +88,7 @@ class ServeConfig:
     trigger_ms: int = 0                    # 0 = start the next micro-batch as soon as one ends
     idle_wait_ms: int = 200                # ckafka: long-poll this long when no query is waiting
     max_read_ms: int = 300                 # ckafka: a micro-batch stops reading this long after its first query
-    read_quiet_ms: int = 20                # ckafka: at the end of the topic, wait this long for more queries
+    read_quiet_ms: int = 50                # ckafka: at the end of the topic, wait this long for more queries
     max_k: int = 1000
     max_message_bytes: int = DEFAULT_MAX_BYTES
     reply_topic_pattern: str = TOPIC_NAME.pattern  # which per-query reply topics are allowed (fullmatch)

@@ -83,7 +83,7 @@ class SourceOptions:
     idle_wait_ms: int = 200                # idleWaitMs: long-poll when nothing is waiting
     read_timeout_ms: int = 10_000          # readTimeoutMs: give up reading to end-of-partition after this
     max_read_ms: int = 300                 # maxReadMs: a read holding records ends after this, EOF or not
-    quiet_ms: int = 20                     # quietMs: ... or once no record arrived for this long (0: at EOF)
+    quiet_ms: int = 50                     # quietMs: ... or once no record arrived for this long (0: at EOF)
     client: Mapping[str, str] = field(default_factory=dict, repr=False)  # other kafka.* options (secrets)
 
     @classmethod
