@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
+from batch_index.metrics import _EPS  # a zero norm scores 0 in exact mode too
 from batch_index.prefetch import prefetch_span
 
 F32 = npt.NDArray[np.float32]
@@ -25,7 +26,6 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 _AHEAD = 2   # rows prefetched ahead of the one being scored
-_EPS = 1e-12
 COSINE, EUCLIDEAN, MANHATTAN, DOT = 0, 1, 2, 3
 METRIC_CODE: Final[dict[str, int]] = {"cosine": COSINE, "euclidean": EUCLIDEAN, "manhattan": MANHATTAN, "dot": DOT}
 

@@ -533,11 +533,7 @@ class SearchIndex:
 
     def _rows(self, global_rows: npt.NDArray[np.int64]) -> F32:
         """Raw signals of sorted global rows, gathered shard by shard from the memory maps."""
-        return self._gather(global_rows, "signals")
-
-    def _gather(self, global_rows: npt.NDArray[np.int64], field: str) -> F32:
-        """Rows of a per-shard array (``signals``, ``l1``) for sorted global rows, shard by shard."""
-        parts = [np.asarray(getattr(s, field)[local]) for s, local in self._by_shard(global_rows)]
+        parts = [np.asarray(s.signals[local]) for s, local in self._by_shard(global_rows)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _by_shard(self, global_rows: npt.NDArray[np.int64]) -> list[tuple[_Shard, npt.NDArray[np.int64]]]:

@@ -22,6 +22,7 @@ checkpoint, which can duplicate replies (same correlation id, same answer) but n
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -157,7 +158,9 @@ class ServeConfig:
 
     @property
     def driver_threads(self) -> int:
-        return self.search_threads or len(os.sched_getaffinity(0))
+        if self.search_threads:
+            return self.search_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @property
     def search_overrides(self) -> dict[str, int]:
@@ -218,7 +221,7 @@ class BatchHandler:
         self.totals = {"batches": 0, "executor_batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0,
                        "undeliverable": 0}
         self.last: dict[str, Any] = {}
-        self.gc = GcPauses()
+        self.gc = gc_pauses()
 
     def __call__(self, df: DataFrame, batch_id: int) -> None:
         t0 = time.perf_counter()
@@ -289,6 +292,12 @@ class GcPauses:
     def close(self) -> None:
         if self._on in gc.callbacks:
             gc.callbacks.remove(self._on)
+
+
+@functools.cache
+def gc_pauses() -> GcPauses:
+    """The process's one counter (handlers come and go; a callback each would pile up in ``gc.callbacks``)."""
+    return GcPauses()
 
 
 class LagProbe:
