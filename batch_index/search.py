@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import ThreadpoolController
 
 from batch_index.block_sums import block_sums
+from batch_index.corpus import MAX_ABS_VALUE
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.index_files import load_npy, read_manifest, shard_dir
 from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
@@ -382,6 +383,9 @@ class SearchIndex:
         bad = ~np.isfinite(q).all(axis=1)
         if bad.any():
             raise InvalidInputError(f"query {int(np.flatnonzero(bad)[0])} contains NaN or infinite values")
+        big = np.abs(q).max(axis=1) > MAX_ABS_VALUE
+        if big.any():
+            raise InvalidInputError(f"query {int(np.flatnonzero(big)[0])} has a sample beyond +-{MAX_ABS_VALUE:.0e}")
         return q
 
     def check_query(self, sample: npt.ArrayLike, metric: str, mode: str, k: int,

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     _add(s, "--index", ENV_INDEX, None, "index directory, or a directory with a CURRENT pointer to one")
     _add(s, "--dead-letter-topic", ENV_DLQ, "ecg-dead-letters", "topic for messages that cannot be answered")
-    _add(s, "--checkpoint", ENV_CHECKPOINT, None, "checkpoint directory (restarts resume from it); "
-         "default under the system temp dir, per queries topic and broker")
+    _add(s, "--checkpoint", ENV_CHECKPOINT, None, "checkpoint directory (restarts resume from it); give one on "
+         "durable storage in production; default: a directory private to this user under $XDG_STATE_HOME "
+         "(~/.local/state/ecg-similarity/checkpoints), per queries topic and broker")
     _add(s, "--source", "ECG_SOURCE", "ckafka", "ckafka = Python source on confluent-kafka; kafka = Spark's "
          "JVM connector (needs spark-sql-kafka on the classpath)", choices=("ckafka", "kafka"))
     _add(s, "--starting-offsets", "ECG_STARTING_OFFSETS", "earliest", "where a fresh checkpoint starts",
@@ -106,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--max-k", "ECG_MAX_K", 1000, "largest k a query may ask for", type=int)
     _add(s, "--max-message-bytes", "ECG_MAX_MESSAGE_BYTES", 1 << 20, "larger queries are rejected", type=int)
     _add(s, "--reply-topic-pattern", "ECG_REPLY_TOPIC_PATTERN", None,
-         "regex a query's own reply topic must match (default: any legal topic name)")
+         "opt in to per-query reply topics: a regex a query's own reply_topic must fullmatch; the service's "
+         "queries, dead-letter and internal (__*) topics are refused whatever it says, and the topic must "
+         "exist (the service never creates one); unset: replies go to --replies-topic only")
     _add(s, "--n-probe", "ECG_N_PROBE", None, "hkmeans: tree leaves seeding the graph walk (default: per metric)",
          type=int)
     _add(s, "--ef", "ECG_EF", None, "hkmeans: points the graph walk keeps (default: per metric)", type=int)
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--search-threads", "ECG_SEARCH_THREADS", None, "threads the driver's search uses; "
          "unset: one per core of the driver", type=int)
     _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
+    _add(s, "--replication-factor", "ECG_REPLICATION_FACTOR", -1, "replication factor of the topics the service "
+         "creates; -1 = the broker's default.replication.factor", type=int)
     s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     s.add_argument("--spark-conf", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable (spark.jars.packages=... for --source kafka)")
@@ -157,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from streaming.job import ServeConfig, serve
 
-    extra = {"reply_topic_pattern": args.reply_topic_pattern} if args.reply_topic_pattern else {}
     cfg = ServeConfig(
         bootstrap=args.bootstrap, index=args.index, queries_topic=args.queries_topic,
         replies_topic=args.replies_topic, dead_letter_topic=args.dead_letter_topic, checkpoint=args.checkpoint,
@@ -166,9 +170,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
         n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
         executor_min_batch=args.executor_min_batch, search_threads=args.search_threads,
-        create_topics=not args.no_create_topics,
+        create_topics=not args.no_create_topics, replication_factor=args.replication_factor,
+        reply_topic_pattern=args.reply_topic_pattern or None,
         metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
-        spark_conf=tuple(args.spark_conf), **extra)
+        spark_conf=tuple(args.spark_conf))
     return serve(cfg)
 
 

@@ -22,11 +22,18 @@ import numpy as np
 import numpy.typing as npt
 
 import schemas
+from batch_index.corpus import MAX_ABS_VALUE
 from batch_index.metrics import METRICS
 from batch_index.search import MODES
 
 DEFAULT_MAX_BYTES: Final[int] = 1 << 20  # 1 MiB: ~100x a 2,500-sample query
 MAX_CORRELATION_ID: Final[int] = 256
+MAX_ECHO: Final[int] = 64          # a sender's metric/mode string echoed in an error reply, at most
+MAX_REASON: Final[int] = 1024      # characters of an error message or dead-letter reason
+MAX_DEAD_KEY: Final[int] = MAX_CORRELATION_ID * 4  # bytes of a record key kept in its dead letter
+#: What a dead letter adds to the value it carries, at most: key, reason, correlation id, topic and
+#: the fixed fields (so the dead-letter topic needs max.message.bytes >= the query limit + this).
+DEAD_LETTER_OVERHEAD: Final[int] = MAX_DEAD_KEY + 4 * MAX_REASON + 4 * MAX_CORRELATION_ID + 4 * 249 + 64
 TOPIC_NAME: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9._-]{1,249}")
 EPOCH: Final[datetime] = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -46,7 +53,10 @@ class ErrorCode(str, Enum):
     BAD_THRESHOLD = "BAD_THRESHOLD"
     BAD_LENGTH = "BAD_LENGTH"                  # sample length != the index's samples per signal
     NON_FINITE = "NON_FINITE"                  # NaN or infinity in the sample
-    INTERNAL = "INTERNAL"                      # the service failed to score a valid query
+    OUT_OF_RANGE = "OUT_OF_RANGE"              # a finite sample beyond +-MAX_ABS_VALUE
+    INTERNAL = "INTERNAL"                      # the service failed to process a record (a bug, not the input)
+    REPLY_TOO_LARGE = "REPLY_TOO_LARGE"        # the answer was refused by the reply topic as too large
+    UNDELIVERABLE_REPLY = "UNDELIVERABLE_REPLY"  # dead letter: the query's own reply topic refused its reply
 
 
 class IndexInfo(Protocol):
@@ -63,12 +73,36 @@ class IndexInfo(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """Service-side limits applied on top of the index's own (``k <= min(max_k, index.max_k)``)."""
+    """Service-side limits applied on top of the index's own (``k <= min(max_k, index.max_k)``).
+
+    Reply topics: a query may always name ``replies_topic`` (the service's own, where it is answered
+    anyway). Any other topic only when ``reply_topic_pattern`` is set and fullmatches it, and never one
+    of ``reserved_topics`` (the service's queries and dead-letter topics) or an internal topic (``__``
+    prefix, e.g. ``__consumer_offsets``): a sender must not pick where the service writes.
+    """
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_k: int = 1000
-    reply_topic_pattern: re.Pattern[str] = TOPIC_NAME  # fullmatch; narrow it to stop senders picking topics
+    reply_topic_pattern: re.Pattern[str] | None = None  # None: per-query reply topics are refused
     reserved_topics: frozenset[str] = frozenset()  # never a reply topic (the service's queries, dead letters)
+    replies_topic: str | None = None
+
+    def reply_topic_refusal(self, topic: str) -> str | None:
+        """Why a query may not have its reply written to ``topic``; None when it may."""
+        if topic == self.replies_topic:
+            return None
+        shown = _echo(topic, 100)
+        if not TOPIC_NAME.fullmatch(topic):
+            return f"reply topic {shown!r} is not a legal Kafka topic name"
+        if topic in self.reserved_topics or topic.startswith("__"):
+            return (f"reply topic {shown!r} is one of the service's own or the broker's internal topics; leave it "
+                    "empty to get the reply on the service's reply topic")
+        if self.reply_topic_pattern is None:
+            return (f"reply topic {shown!r} is not allowed: this service answers on its reply topic only "
+                    "(per-query reply topics are enabled with --reply-topic-pattern); leave it empty")
+        if not self.reply_topic_pattern.fullmatch(topic):
+            return f"reply topic {shown!r} is not allowed (must match {self.reply_topic_pattern.pattern!r})"
+        return None
 
 
 DEFAULT_LIMITS: Final[Limits] = Limits()
@@ -151,7 +185,7 @@ def decode_query(raw: bytes | None, index: IndexInfo, limits: Limits = DEFAULT_L
     ``key`` (the Kafka message key, by convention the correlation id) addresses the error reply when
     the value itself is unreadable.
     """
-    fallback_id = _text_id(key)
+    fallback_id = id_from_key(key)
     if raw is None or len(raw) == 0:
         return DecodeError(ErrorCode.UNDECODABLE, "empty message", fallback_id)
     if len(raw) > limits.max_bytes:
@@ -166,7 +200,7 @@ def decode_query(raw: bytes | None, index: IndexInfo, limits: Limits = DEFAULT_L
         cid = fallback_id
         if schemas.writer_family(raw) == "query":  # truncated/garbled query: its first field may survive
             try:
-                cid = _text_id(_read_bytes(raw, schemas.HEADER_LEN)[0]) or fallback_id
+                cid = id_from_key(_read_bytes(raw, schemas.HEADER_LEN)[0]) or fallback_id
             except _Malformed:
                 pass
         return DecodeError(ErrorCode.UNDECODABLE, str(e), cid)
@@ -178,27 +212,26 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
     reply_topic = rec["reply_topic"]
 
     def err(code: ErrorCode, msg: str, **kw: Any) -> DecodeError:
-        ctx = {"correlation_id": cid, "reply_topic": reply_topic, "metric": metric, "mode": mode, "k": k,
-               "sent_at": rec["sent_at"], **kw}
+        # what a sender wrote is echoed bounded: an error reply must stay small whatever the query held
+        ctx = {"correlation_id": cid, "reply_topic": reply_topic, "metric": _echo(metric), "mode": _echo(mode),
+               "k": k, "sent_at": rec["sent_at"], **kw}
         return DecodeError(code, msg, **ctx)
 
     if not 1 <= len(cid) <= MAX_CORRELATION_ID:
         return err(ErrorCode.BAD_CORRELATION_ID, f"correlation id must have 1..{MAX_CORRELATION_ID} "
                    f"characters, got {len(cid)}", correlation_id=None)
-    if reply_topic is not None and not limits.reply_topic_pattern.fullmatch(reply_topic):
-        return err(ErrorCode.BAD_REPLY_TOPIC, f"reply topic {reply_topic[:300]!r} is not allowed "
-                   f"(must match {limits.reply_topic_pattern.pattern!r})", reply_topic=None)
-    if reply_topic in limits.reserved_topics:
-        return err(ErrorCode.BAD_REPLY_TOPIC, f"reply topic {reply_topic!r} is one of the service's own input "
-                   "topics; leave it empty to get the reply on the service's reply topic", reply_topic=None)
+    if reply_topic is not None:
+        refusal = limits.reply_topic_refusal(reply_topic)
+        if refusal is not None:
+            return err(ErrorCode.BAD_REPLY_TOPIC, refusal, reply_topic=None)
     if metric not in METRICS:
-        return err(ErrorCode.UNKNOWN_METRIC, f"unknown metric {metric[:100]!r}; expected one of "
+        return err(ErrorCode.UNKNOWN_METRIC, f"unknown metric {_echo(metric, 100)!r}; expected one of "
                    f"{', '.join(METRICS)}")
     if metric not in index.metrics:
         return err(ErrorCode.METRIC_NOT_INDEXED, f"metric {metric!r} is not in index {index.version} "
                    f"(built for {', '.join(index.metrics)})")
     if mode not in MODES:
-        return err(ErrorCode.UNKNOWN_MODE, f"unknown mode {mode[:100]!r}; expected one of {', '.join(MODES)}")
+        return err(ErrorCode.UNKNOWN_MODE, f"unknown mode {_echo(mode, 100)!r}; expected one of {', '.join(MODES)}")
     max_k = min(limits.max_k, index.max_k)
     if not 1 <= k <= max_k:
         return err(ErrorCode.BAD_K, f"k must be in 1..{max_k}, got {k}")
@@ -212,11 +245,24 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
     if not np.isfinite(sample).all():
         bad = int(np.flatnonzero(~np.isfinite(sample))[0])
         return err(ErrorCode.NON_FINITE, f"sample value {bad} is {sample[bad]}; NaN and infinity are not allowed")
+    magnitude = np.abs(sample)
+    if sample.size and magnitude.max() > MAX_ABS_VALUE:
+        bad = int(np.argmax(magnitude))
+        return err(ErrorCode.OUT_OF_RANGE, f"sample value {bad} is {sample[bad]:.3g}; samples must lie within "
+                   f"+-{MAX_ABS_VALUE:.0e}")
     return Query(cid, sample, metric, mode, int(k), None if thr is None else float(thr), reply_topic,
                  rec["sent_at"])
 
 
-def _text_id(b: bytes | None) -> str | None:
+def _echo(text: str | None, limit: int = MAX_ECHO) -> str | None:
+    """``text`` cut to ``limit`` characters (marked with an ellipsis), for echoing what a sender wrote."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit - 1] + "\u2026"
+
+
+def id_from_key(b: bytes | None) -> str | None:
+    """A record key as a correlation id (by convention the key is the id); None if it cannot be one."""
     if not b:
         return None
     try:
@@ -360,6 +406,8 @@ def encode_result(correlation_id: str, *, matches: Sequence[tuple[str, float, in
     if error is not None:
         error_code, error_message = error.code.value, error.message
         metric, mode, k, sent_at = error.metric, error.mode, error.k, error.sent_at
+    if error_message is not None:
+        error_message = _echo(error_message, MAX_REASON)
     return schemas.encode("result", {
         "correlation_id": correlation_id, "status": "error" if error_code else "ok",
         "error_code": error_code, "error_message": error_message, "metric": metric, "mode": mode, "k": k,
@@ -379,13 +427,17 @@ def decode_result(raw: bytes) -> Result:
 def encode_dead_letter(*, value: bytes | None, key: bytes | None, topic: str, partition: int, offset: int,
                        timestamp: datetime | None, error: DecodeError, failed_at: datetime,
                        max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """A dead-letter record: the raw message (cut at ``max_bytes``), where it came from and why."""
+    """A dead-letter record: the raw message (cut at ``max_bytes``), where it came from and why.
+
+    Every part is bounded, so a dead letter is at most ``max_bytes + DEAD_LETTER_OVERHEAD`` bytes
+    whatever its record held (a huge key, a huge value, a long reason).
+    """
     return schemas.encode("dead_letter", {
         "value": None if value is None else bytes(value[:max_bytes]),
-        "key": None if key is None else bytes(key[:MAX_CORRELATION_ID * 4]),
-        "topic": topic, "partition": int(partition), "offset": int(offset), "timestamp": timestamp,
-        "error_code": error.code.value, "reason": error.message, "correlation_id": error.correlation_id,
-        "failed_at": failed_at,
+        "key": None if key is None else bytes(key[:MAX_DEAD_KEY]),
+        "topic": topic[:249], "partition": int(partition), "offset": int(offset), "timestamp": timestamp,
+        "error_code": error.code.value[:MAX_ECHO], "reason": _echo(error.message, MAX_REASON),
+        "correlation_id": error.correlation_id, "failed_at": failed_at,
     })
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from batch_index.search import SearchIndex
-from streaming.codec import Limits
+from streaming.codec import EPOCH, Limits
 from streaming.scoring import BatchStats, Outgoing, Record, answer_batch
 
 if TYPE_CHECKING:
@@ -35,8 +35,31 @@ RECORD_COLUMNS = ("key", "value", "topic", "partition", "offset", "timestamp")
 
 
 def records_of(table: pa.Table) -> list[Record]:
-    """The Kafka records of an Arrow table with :data:`RECORD_COLUMNS`."""
-    return [Record(*row) for row in zip(*(table.column(c).to_pylist() for c in RECORD_COLUMNS))]
+    """The Kafka records of an Arrow table with :data:`RECORD_COLUMNS`; never raises for a record's values.
+
+    Timestamps are read as UTC microseconds, not through pyarrow's conversion to the session's time
+    zone, which overflows for instants at the edges of the representable range.
+    """
+    columns = [table.column(c) for c in RECORD_COLUMNS]
+    ts = columns[-1]
+    if pa.types.is_timestamp(ts.type):
+        columns[-1] = ts.cast(pa.timestamp(ts.type.unit)).cast(pa.int64())
+        unit = {"s": 1_000_000, "ms": 1000, "us": 1, "ns": 0.001}[ts.type.unit]
+    else:
+        unit = None
+    rows = zip(*(c.to_pylist() for c in columns))
+    if unit is None:
+        return [Record(*row) for row in rows]
+    return [Record(*row[:-1], _utc(row[-1], unit)) for row in rows]
+
+
+def _utc(value: int | None, micros_per_unit: float) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return EPOCH + timedelta(microseconds=value * micros_per_unit)
+    except OverflowError:
+        return None
 
 
 def _answer_chunk(index_path: str, version: str, replies_topic: str, dead_letter_topic: str, limits: Limits,

@@ -18,10 +18,16 @@ driver, as the batch search does).
 Delivery is at-least-once: a batch's replies are acknowledged by the broker before ``foreachBatch``
 returns, and only then does Spark commit the batch; a crash in between replays the batch from the
 checkpoint, which can duplicate replies (same correlation id, same answer) but never lose one.
+
+No record can fail a batch: :func:`streaming.scoring.answer_batch` contains each record's failure,
+and should the batch as a whole still raise, :class:`BatchHandler` answers its records one at a time,
+each failing one becoming an ``INTERNAL`` dead letter with its coordinates. Offsets the batch skipped
+(retention, compaction, transaction markers) are counted (``skipped_offsets``) and logged.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import gc
 import json
@@ -29,7 +35,6 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -52,11 +57,12 @@ from streaming.broker import (
     missing_topics,
     redact,
 )
-from streaming.codec import DEFAULT_MAX_BYTES, TOPIC_NAME, Limits
+from streaming.codec import DEFAULT_MAX_BYTES, TOPIC_NAME, DecodeError, ErrorCode, Limits
 from streaming.executor_scoring import RECORD_COLUMNS, answer_on_executors, records_of, warm_up
 from streaming.index_cache import IndexHolder, holder_for
-from streaming.scoring import answer_batch
-from streaming.sink import Publisher, deliver, publisher_for
+from streaming.offset_gaps import OffsetGaps
+from streaming.scoring import BatchStats, Origin, Outgoing, Record, answer_batch, dead_letter, substitute
+from streaming.sink import Publisher, deliver, forced_conflicts, publisher_for
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -81,7 +87,7 @@ class ServeConfig:
     queries_topic: str = "ecg-queries"
     replies_topic: str = "ecg-replies"
     dead_letter_topic: str = "ecg-dead-letters"
-    checkpoint: str | None = None          # default: <tmp>/ecg-streaming/<queries topic>@<bootstrap>
+    checkpoint: str | None = None          # default: a private per-user state dir (see checkpoint_dir)
     source: str = "ckafka"                 # ckafka (Python, confluent-kafka) | kafka (Spark's JVM connector)
     starting_offsets: str = "earliest"     # for a fresh checkpoint; a restart resumes from the checkpoint
     max_queries_per_batch: int = 2000      # rate control: records per micro-batch
@@ -92,7 +98,7 @@ class ServeConfig:
     read_quiet_ms: int = 50                # ckafka: at the end of the topic, wait this long for more queries
     max_k: int = 1000
     max_message_bytes: int = DEFAULT_MAX_BYTES
-    reply_topic_pattern: str = TOPIC_NAME.pattern  # which per-query reply topics are allowed (fullmatch)
+    reply_topic_pattern: str | None = None  # per-query reply topics allowed (fullmatch); None: none
     n_probe: int | None = None             # hkmeans search knobs; None = the per-metric recommended
     ef: int | None = None                  # settings (batch_index.search.DEFAULT_PARAMS)
     rerank: int | None = None
@@ -102,6 +108,7 @@ class ServeConfig:
     search_threads: int | None = None      # threads the driver's search uses; None: the driver's cores
     create_topics: bool = True             # create missing queries/replies/dead-letter topics at start
     query_partitions: int = 1
+    replication_factor: int = -1           # of the topics the service creates; -1: the broker's default
     metrics_file: str | None = None        # append each batch's metrics as a JSON line
     kafka_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # TLS/SASL, passed through
     spark_conf: tuple[tuple[str, str], ...] = ()  # e.g. spark.jars.packages for --source kafka
@@ -132,17 +139,32 @@ class ServeConfig:
             raise ConfigError(f"read quiet ms must be >= 0, got {self.read_quiet_ms}")
         if self.trigger_ms < 0 or self.idle_wait_ms < 0:
             raise ConfigError("trigger and idle wait must be >= 0 ms")
-        try:
-            re.compile(self.reply_topic_pattern)
-        except re.error as e:
-            raise ConfigError(f"reply topic pattern {self.reply_topic_pattern!r} is not a regex: {e}") from e
+        if self.replication_factor == 0 or self.replication_factor < -1:
+            raise ConfigError(f"replication factor must be >= 1, or -1 for the broker's default, got "
+                              f"{self.replication_factor}")
+        if self.reply_topic_pattern is not None:
+            try:
+                re.compile(self.reply_topic_pattern)
+            except re.error as e:
+                raise ConfigError(f"reply topic pattern {self.reply_topic_pattern!r} is not a regex: {e}") from e
+        weakened = forced_conflicts(dict(self.kafka_options))
+        if weakened:
+            raise ConfigError(f"Kafka option(s) {', '.join(weakened)} would weaken delivery: the service always "
+                              "produces with acks=all, idempotence on and topic auto-creation off; remove them")
 
     @property
     def checkpoint_dir(self) -> str:
+        """``--checkpoint``, else a directory private to this user that survives reboots.
+
+        Not the shared temp dir: other users could read or rewrite the offsets there, and a reboot that
+        empties it would restart the stream from ``--starting-offsets``. Production gives
+        ``--checkpoint`` on durable storage (the compose file does).
+        """
         if self.checkpoint:
             return self.checkpoint
         where = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.queries_topic}@{self.bootstrap}")
-        return str(Path(tempfile.gettempdir()) / "ecg-streaming" / where)
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return str(Path(state) / "ecg-similarity" / "checkpoints" / where)
 
     @property
     def executor_threshold(self) -> int:
@@ -171,8 +193,9 @@ class ServeConfig:
     @property
     def limits(self) -> Limits:
         # a query may not have its reply written into the service's own input or dead-letter topic
-        return Limits(self.max_message_bytes, self.max_k, re.compile(self.reply_topic_pattern),
-                      frozenset((self.queries_topic, self.dead_letter_topic)))
+        pattern = None if self.reply_topic_pattern is None else re.compile(self.reply_topic_pattern)
+        return Limits(self.max_message_bytes, self.max_k, pattern,
+                      frozenset((self.queries_topic, self.dead_letter_topic)), self.replies_topic)
 
     @property
     def service_topics(self) -> tuple[str, str, str]:
@@ -182,10 +205,16 @@ class ServeConfig:
     def client_config(self) -> dict[str, str]:
         return dict(self.kafka_options)
 
+    @property
+    def secrets(self) -> dict[str, str]:
+        """Every setting whose value must never be logged (Kafka options and Spark settings alike)."""
+        return {k: v for k, v in (*self.kafka_options, *self.spark_conf) if is_secret_key(k)}
+
     def redacted(self) -> dict[str, Any]:
-        """The settings for logs: secrets in Kafka options are masked."""
+        """The settings for logs: secret-looking Kafka options and Spark settings are masked."""
         d = asdict(self)
         d["kafka_options"] = {k: "***" if is_secret_key(k) else v for k, v in self.kafka_options}
+        d["spark_conf"] = {k: "***" if is_secret_key(k) else v for k, v in self.spark_conf}
         d["checkpoint"] = self.checkpoint_dir
         return d
 
@@ -218,8 +247,9 @@ class BatchHandler:
         self.publisher: Publisher = publisher_for(cfg.bootstrap, cfg.client_config)
         self.lag = LagProbe(cfg.bootstrap, cfg.queries_topic, cfg.client_config)
         self.abort = threading.Event()  # set by a shutdown that cannot wait for the broker any longer
+        self.gaps = OffsetGaps(cfg.checkpoint_dir)
         self.totals = {"batches": 0, "executor_batches": 0, "records": 0, "ok": 0, "errors": 0, "dead_letters": 0,
-                       "undeliverable": 0}
+                       "undeliverable": 0, "replaced": 0, "skipped_offsets": 0, "isolated_batches": 0}
         self.last: dict[str, Any] = {}
         self.gc = gc_pauses()
 
@@ -234,6 +264,8 @@ class BatchHandler:
         fetch_ms = (time.perf_counter() - t0) * 1000
         answer = dict(replies_topic=self.cfg.replies_topic, dead_letter_topic=self.cfg.dead_letter_topic,
                       limits=self.limits, params=self.params, received_at=received_at)
+        records = records_of(table)
+        skipped = self.gaps.observe(batch_id, records)
         where = "driver"
         if self.cfg.executor_threshold and table.num_rows >= self.cfg.executor_threshold:
             try:
@@ -242,26 +274,60 @@ class BatchHandler:
             except Exception:  # a lost worker must not lose the batch: answer it here instead
                 logger.exception("answering batch %d on the executors failed; answering it on the driver", batch_id)
         if where == "driver":
-            out, stats = answer_batch(records_of(table), index, **answer, threads=self.cfg.driver_threads)
+            try:
+                out, stats = answer_batch(records, index, **answer, threads=self.cfg.driver_threads)
+            except Exception:  # a bug past answer_batch's own guards: no record may take the batch down
+                logger.exception("answering batch %d failed as a whole; answering its %d records one by one",
+                                 batch_id, len(records))
+                out, stats = self._one_by_one(records, index, answer)
+                where = "driver, record by record"
         t1 = time.perf_counter()
         report = deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
-                         abort=self.abort)
+                         substitute=functools.partial(self._substitute, index.version), abort=self.abort)
         deliver_ms = (time.perf_counter() - t1) * 1000
         self.lag.advance(stats.offsets)
         metrics = {"batch_id": batch_id, **stats.as_dict(), "answered_on": where, "fetch_ms": round(fetch_ms, 2),
-                   "replies": sum(m.kind == "reply" for m in out),
-                   "undeliverable": report.undeliverable, "deliver_attempts": report.attempts,
+                   "replies": sum(m.kind == "reply" for m in out), "skipped_offsets": skipped,
+                   "undeliverable": report.undeliverable, "replaced": report.replaced,
+                   "deliver_attempts": report.attempts,
                    "deliver_ms": round(deliver_ms, 2), "batch_ms": round((time.perf_counter() - t0) * 1000, 2),
                    "gc_ms": round(self.gc.total_ms - gc0, 2),
                    "lag": self.lag.measure(), "index_reloads": self.holder.reloads,
                    "index_refused": self.holder.refused}
         self._account(metrics)
 
+    def _one_by_one(self, records: list[Record], index: Any, answer: dict[str, Any]
+                    ) -> tuple[list[Outgoing], BatchStats]:
+        """Answer each record on its own; one that still fails becomes an ``INTERNAL`` dead letter."""
+        out: list[Outgoing] = []
+        stats = BatchStats(index_version=index.version)
+        for rec in records:
+            try:
+                part, part_stats = answer_batch([rec], index, **answer, threads=1)
+            except Exception as e:
+                logger.exception("record %s[%d]@%d cannot be answered; dead-lettering it", rec.topic, rec.partition,
+                                 rec.offset)
+                err = DecodeError(ErrorCode.INTERNAL, f"the service could not process this record: "
+                                  f"{type(e).__name__}")
+                origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp)
+                part = [dead_letter(self.cfg.dead_letter_topic, origin, rec.key, rec.value, err,
+                                    max_bytes=self.limits.max_bytes)]
+                part_stats = BatchStats(records=1, errors={ErrorCode.INTERNAL.value: 1}, dead_letters=1,
+                                        offsets={rec.topic: {str(rec.partition): [rec.offset, rec.offset]}})
+            out.extend(part)
+            stats.merge(part_stats)
+        return out, stats
+
+    def _substitute(self, version: str, m: Outgoing, why: str, sender_topic: bool) -> Outgoing:
+        return substitute(m, why, sender_topic=sender_topic, dead_letter_topic=self.cfg.dead_letter_topic,
+                          index_version=version, max_bytes=self.limits.max_bytes)
+
     def _account(self, metrics: dict[str, Any]) -> None:
         self.last = metrics
         self.totals["batches"] += 1
         self.totals["executor_batches"] += metrics["answered_on"] == "executors"
-        for k in ("records", "ok", "errors", "dead_letters", "undeliverable"):
+        self.totals["isolated_batches"] += metrics["answered_on"] == "driver, record by record"
+        for k in ("records", "ok", "errors", "dead_letters", "undeliverable", "replaced", "skipped_offsets"):
             self.totals[k] += metrics[k]
         line = json.dumps(metrics, separators=(",", ":"))
         metrics_logger.info("batch %s", line)
@@ -333,7 +399,8 @@ class LagProbe:
                                       request_timeout=self.timeout)
             return sum(max(0, f.result(self.timeout).offset - self.next.get(tp.partition, 0))
                        for tp, f in ends.items())
-        except (KafkaException, BrokerError, TimeoutError, ValueError) as e:
+        except (KafkaException, BrokerError, TimeoutError, concurrent.futures.TimeoutError, ValueError) as e:
+            # (concurrent.futures.TimeoutError is not the builtin TimeoutError before Python 3.11)
             logger.debug("lag unknown: %s", e)
             return None
 
@@ -363,7 +430,8 @@ class TopicKeeper:
                        missing)
         for t in missing:
             partitions = self.cfg.query_partitions if t == self.cfg.queries_topic else 1
-            create_topics(self.cfg.bootstrap, [t], partitions=partitions, client_config=self.cfg.client_config)
+            create_topics(self.cfg.bootstrap, [t], partitions=partitions, replication=self.cfg.replication_factor,
+                          client_config=self.cfg.client_config)
         self.recreated.extend(missing)
         return missing
 
@@ -453,7 +521,7 @@ def stop_gracefully(query: StreamingQuery, timeout_s: float = 30.0, abort: threa
 
 def serve(cfg: ServeConfig) -> int:
     """Run the job until SIGINT/SIGTERM (exit 0) or until the query fails (exit 1)."""
-    secrets = SecretFilter(cfg.client_config)  # mask secret Kafka settings in whatever this process logs
+    secrets = SecretFilter(cfg.secrets)  # mask secret settings in whatever this process logs
     handlers = list(logging.getLogger().handlers)
     for h in handlers:
         h.addFilter(secrets)
@@ -468,10 +536,15 @@ def _serve(cfg: ServeConfig) -> int:
     logger.info("serve settings: %s", json.dumps(cfg.redacted()))
     holder = holder_for(cfg.index)
     holder.load_initial()
+    if cfg.checkpoint is None:
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        logger.warning("no --checkpoint given: positions are kept in %s (private to this user); give --checkpoint "
+                       "on durable storage in production", cfg.checkpoint_dir)
     if cfg.create_topics:
         create_topics(cfg.bootstrap, [cfg.queries_topic], partitions=cfg.query_partitions,
+                      replication=cfg.replication_factor, client_config=cfg.client_config)
+        create_topics(cfg.bootstrap, [cfg.replies_topic, cfg.dead_letter_topic], replication=cfg.replication_factor,
                       client_config=cfg.client_config)
-        create_topics(cfg.bootstrap, [cfg.replies_topic, cfg.dead_letter_topic], client_config=cfg.client_config)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -492,7 +565,7 @@ def _serve(cfg: ServeConfig) -> int:
             stop.wait(1.0)
         if not stop.is_set():
             failure = query.exception()
-            logger.error("streaming query failed: %s", redact(str(failure), cfg.client_config))
+            logger.error("streaming query failed: %s", redact(str(failure), cfg.secrets))
             return 1
         stop_gracefully(query, abort=handler.abort)
         logger.info("stopped cleanly; totals %s", json.dumps(handler.totals))

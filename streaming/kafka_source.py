@@ -27,6 +27,14 @@ records read and handled the same way. While the broker is unreachable a read re
 the query idles instead of failing; a replay of a logged batch after a restart (``readBetweenOffsets``)
 waits for the broker, and if that batch's records no longer exist (the topic was recreated) it says
 so in an error log and replays what is left.
+
+No record can stop the source: whatever its key, value, headers or timestamp, every record becomes a
+row (headers are not read; a timestamp outside what Spark's ``timestamp`` column can hold, years
+1-9999 less a day at each end, becomes null with its type kept, and the record is answered like any
+other), and a record of any size the broker accepted can be fetched (``receive.message.max.bytes``
+at librdkafka's maximum: at its default a record over 100 MB wedged the partition for good, every
+fetch failing). Bounding what a record may hold is the decoder's job, downstream, where it earns an
+error reply.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ Offsets = dict[str, dict[str, Any]]
 TP = tuple[str, int]
 Row = tuple[bytes | None, bytes | None, str, int, int, datetime | None, int]
 _NO_META: Final[tuple[str | None, int]] = (None, 0)
+# the timestamps a row carries: Spark's range (years 1-9999) less a day at each end, so that the batch
+# shown in any session time zone (UTC-12 .. UTC+14) still falls inside it
+_MIN_TS_MS: Final[int] = -62135596800000 + 86_400_000   # 0001-01-02T00:00:00Z
+_MAX_TS_MS: Final[int] = 253402300799999 - 86_400_000   # 9999-12-30T23:59:59.999Z
 
 
 class SourceConfigError(ValueError):
@@ -159,7 +171,8 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         if self._consumer is None:
             self._consumer = self._client(Consumer, {
                 "group.id": "ecg-streaming-source", "enable.auto.commit": False, "enable.partition.eof": True,
-                "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10, "fetch.message.max.bytes": 8 << 20})
+                "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10, "fetch.message.max.bytes": 8 << 20,
+                "receive.message.max.bytes": 2_147_483_647})
         return self._consumer
 
     @property
@@ -416,14 +429,23 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                     first_row = last_row
                 if keep:
                     size += len(m.value() or b"") + len(m.key() or b"")
-                    ts_type, ts = m.timestamp()
-                    got.rows.append((m.key(), m.value(), m.topic(), m.partition(), off,
-                                     datetime.fromtimestamp(ts / 1000, timezone.utc) if ts_type else None, ts_type))
+                    got.rows.append(_row(m))
                     if max_bytes is not None and size >= max_bytes:
                         break  # the rest of this fetch is read again by the next micro-batch
                 if stop_at is not None and off + 1 >= stop_at.get(tp, 0):
                     got.done.add(tp)
         return got
+
+
+def _row(m: Any) -> Row:
+    """The row of one record; never raises (see the module docstring)."""
+    ts_type, ts = m.timestamp()
+    try:
+        when = (datetime.fromtimestamp(ts / 1000, timezone.utc)
+                if ts_type and _MIN_TS_MS <= ts <= _MAX_TS_MS else None)
+    except (OverflowError, OSError, ValueError):  # platforms differ at the edges of the range
+        when = None
+    return (m.key(), m.value(), m.topic(), m.partition(), m.offset(), when, ts_type)
 
 
 def _redact(text: str, client: Mapping[str, str]) -> str:

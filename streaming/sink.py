@@ -1,27 +1,31 @@
 """Publishing replies and dead letters: one Producer per process, at-least-once.
 
-:func:`deliver` returns only when the broker has acknowledged every message (``acks=all``), so a
-micro-batch is committed only after its replies are durable. Transient failures (broker away) are
+:func:`deliver` returns only when the broker has acknowledged every message, so a micro-batch is
+committed only after its replies are durable. The producer always runs with ``acks=all``, idempotence
+on and topic auto-creation off (:data:`FORCED`): user Kafka options may tune it but cannot weaken
+that (:func:`forced_conflicts` names the settings that try). Transient failures (broker away) are
 retried without end, each attempt bounded by ``message.timeout.ms``, logging as it goes: the job waits
 for the broker rather than crash-looping or dropping replies. After a failed attempt the producer is
-replaced by a fresh one, so a client wedged by a broker that lost its state cannot stall the job.
+replaced by a fresh one (a new producer id), so a client wedged by a broker that lost its state (a
+memory-only broker restarted: "unknown producer id") cannot stall the job.
 
-What is never retried: a message too large for the broker, an illegal topic name, and a *per-query*
-reply topic that does not exist or may not be written (the sender named it; one bad reply topic must
-not stall everyone else). Those are logged and counted. The service's own topics (the replies and
-dead-letter topics) are retried whatever the error, since dropping there would lose answers.
+A message refused for good is never dropped silently:
 
-The producer is not idempotent by default: replies are keyed by correlation id and duplicates are
-part of the at-least-once contract anyway, while an idempotent producer's state does not survive a
-restart of a broker that keeps it in memory (Tansu answers "unknown producer id" forever after).
-Pass ``enable.idempotence=true`` as a Kafka option to have it on a real cluster.
+- to a service topic (the replies or dead-letter topic), too large: replaced by its bounded stand-in
+  (:func:`streaming.scoring.substitute`: a ``REPLY_TOO_LARGE`` error reply, a dead letter without the
+  raw value) and counted as ``replaced``; if even the stand-in is refused the batch fails (uncommitted,
+  so it is replayed once the topic is fixed);
+- to a service topic, any other error (unknown topic, not authorised, broker away): retried;
+- to a sender's own reply topic (opt-in, ``--reply-topic-pattern``) that does not exist or may not be
+  written: an ``UNDELIVERABLE_REPLY`` dead letter takes its place, counted as ``undeliverable``
+  (one bad reply topic must not stall everyone else, and the producer never creates topics).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -34,13 +38,23 @@ from streaming.scoring import Outgoing
 logger = logging.getLogger(__name__)
 
 PRODUCER_DEFAULTS: Final[dict[str, object]] = {
-    "enable.idempotence": False, "acks": "all", "linger.ms": 2, "compression.type": "none",
-    "message.timeout.ms": 30_000, "message.max.bytes": 8 << 20,
-    # a reply topic that does not exist (broker with auto-create off) fails in ~2 s instead of holding
-    # its micro-batch for librdkafka's default 30 s propagation wait
+    "linger.ms": 2, "compression.type": "none", "message.timeout.ms": 30_000, "message.max.bytes": 8 << 20,
+    # a reply topic that does not exist fails in ~2 s instead of holding its micro-batch for
+    # librdkafka's default 30 s propagation wait
     "topic.metadata.propagation.max.ms": 2_000,
 }
+#: What the delivery guarantee rests on; applied after the user's Kafka options.
+FORCED: Final[dict[str, object]] = {"acks": "all", "enable.idempotence": True, "allow.auto.create.topics": False}
+_EQUIVALENT: Final[dict[str, frozenset[str]]] = {
+    "acks": frozenset({"all", "-1"}), "enable.idempotence": frozenset({"true"}),
+    "allow.auto.create.topics": frozenset({"false"})}
 MAX_BACKOFF_S: Final[float] = 10.0
+
+
+def forced_conflicts(options: Mapping[str, str]) -> list[str]:
+    """The user's Kafka options that would weaken :data:`FORCED` (``acks=1``, ...), as ``key=value``."""
+    return [f"{k}={v}" for k, v in options.items()
+            if k.strip().lower() in _EQUIVALENT and str(v).strip().lower() not in _EQUIVALENT[k.strip().lower()]]
 
 
 class Publisher:
@@ -58,7 +72,7 @@ class Publisher:
             try:
                 self._producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": self.bootstrap,
                                            "logger": logging.getLogger("streaming.sink.librdkafka"),
-                                           **self.client_config})
+                                           **self.client_config, **FORCED})
             except KafkaException as e:  # a rejected setting; its value may be a secret: no chaining
                 raise BrokerError("invalid Kafka client settings for the reply producer: "
                                   f"{redact(str(e.args[0]), self.client_config)}") from None
@@ -87,15 +101,11 @@ def publisher_for(bootstrap: str, client_config: Mapping[str, str] | None = None
         return _PUBLISHERS[key]
 
 
-def producer_for(bootstrap: str, client_config: Mapping[str, str] | None = None) -> Producer:
-    """The process's current Producer for ``bootstrap`` + ``client_config``."""
-    return publisher_for(bootstrap, client_config).producer
-
-
 @dataclass
 class DeliveryReport:
     delivered: int = 0
-    undeliverable: int = 0
+    undeliverable: int = 0  # replies a sender's own topic refused (each replaced by a dead letter)
+    replaced: int = 0       # messages a topic refused for good, delivered as their bounded stand-in
     attempts: int = 0
 
 
@@ -103,17 +113,28 @@ class DeliveryAborted(EcgSearchError):
     """Delivery was abandoned on request (shutdown while the broker is away); the batch is replayed."""
 
 
-def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, service_topics: Collection[str] = (),
-            retry_backoff_s: float = 1.0, abort: threading.Event | None = None) -> DeliveryReport:
-    """Produce ``messages`` and wait until each is acknowledged or known undeliverable.
+class DeliveryFailed(EcgSearchError):
+    """A service topic refused a message and its bounded stand-in: the batch fails uncommitted."""
 
-    ``service_topics`` are retried whatever the error (see the module docstring); a bare
-    ``Producer`` (tests) is used as is, never renewed. Setting ``abort`` makes a waiting delivery
-    raise :class:`DeliveryAborted` (its micro-batch is then not committed, so nothing is lost).
+
+#: ``substitute(message, why, sender_topic)``: the bounded stand-in of a refused message
+Substitute = Callable[[Outgoing, str, bool], Outgoing]
+
+
+def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, service_topics: Collection[str] = (),
+            substitute: Substitute | None = None, retry_backoff_s: float = 1.0,
+            abort: threading.Event | None = None) -> DeliveryReport:
+    """Produce ``messages`` and wait until each (or its stand-in) is acknowledged.
+
+    What happens to a refused message is in the module docstring; without ``substitute`` a message
+    refused for good is dropped and counted (tests of the retry logic). A bare ``Producer`` is used as
+    is, never renewed. Setting ``abort`` makes a waiting delivery raise :class:`DeliveryAborted` (its
+    micro-batch is then not committed, so nothing is lost).
     """
     abort = abort or threading.Event()
     report = DeliveryReport()
     pending = list(messages)
+    stand_ins: set[int] = set()  # id() of the stand-ins made so far: never replaced again
     backoff = retry_backoff_s
     while pending:
         report.attempts += 1
@@ -126,13 +147,32 @@ def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, se
                 raise DeliveryAborted(f"delivery of {len(pending)} messages abandoned: stopping")
         retry = []
         for m, err in failed:
-            if _retriable(err, m.topic in service_topics):
+            service = m.topic in service_topics
+            fate = _fate(err, service)
+            if fate == "retry":
                 retry.append(m)
-            else:
+                continue
+            if substitute is None or id(m) in stand_ins:
+                if service:
+                    raise DeliveryFailed(f"{m.topic!r} refused a {m.kind} and its bounded stand-in ({err.str()}); "
+                                         "the batch stays uncommitted and is replayed: check the topic's "
+                                         "max.message.bytes and ACLs")
                 report.undeliverable += 1
                 logger.error("dropping undeliverable %s to %s (key %r): %s", m.kind, m.topic, m.key, err)
-        if retry:
-            first = next(err for m, err in failed if m is retry[0])
+                continue
+            stand_in = substitute(m, f"{err.str()} ({err.name()})", not service)
+            stand_ins.add(id(stand_in))
+            retry.append(stand_in)
+            if service:
+                report.replaced += 1
+                logger.warning("%s refused a %s of %d bytes (%s); sending its bounded stand-in", m.topic, m.kind,
+                               len(m.value), err)
+            else:
+                report.undeliverable += 1
+                logger.error("reply to %r could not be written to the sender's topic %s (%s); recorded in a "
+                             "dead letter", m.key, m.topic, err)
+        if any(_fate(err, m.topic in service_topics) == "retry" for m, err in failed):
+            first = next(err for m, err in failed if _fate(err, m.topic in service_topics) == "retry")
             logger.warning("%d of %d messages not acknowledged (%s); retrying in %.0f s (attempt %d)", len(retry),
                            len(pending), first, backoff, report.attempts + 1)
             if isinstance(publisher, Publisher):
@@ -174,11 +214,11 @@ _BAD_TOPIC: Final[frozenset[int]] = _codes("_INVALID_ARG", "TOPIC_EXCEPTION", "I
 _NOT_WRITABLE: Final[frozenset[int]] = _codes("_UNKNOWN_TOPIC", "UNKNOWN_TOPIC_OR_PART", "TOPIC_AUTHORIZATION_FAILED")
 
 
-def _retriable(err: KafkaError, service_topic: bool) -> bool:
-    """Whether to try ``err``'s message again (with a fresh producer)."""
+def _fate(err: KafkaError, service_topic: bool) -> str:
+    """``retry`` (with a fresh producer) or ``refused`` (for good: its stand-in goes instead)."""
     code = err.code()
     if code in _TOO_LARGE or code in _BAD_TOPIC:
-        return False
+        return "refused"
     if code in _NOT_WRITABLE:
-        return service_topic
-    return True
+        return "retry" if service_topic else "refused"
+    return "retry"

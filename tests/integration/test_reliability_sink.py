@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 
 from streaming.scoring import Outgoing
-from streaming.sink import PRODUCER_DEFAULTS, DeliveryAborted, Publisher, deliver
+from streaming.sink import FORCED, PRODUCER_DEFAULTS, DeliveryAborted, Publisher, deliver, forced_conflicts
 
 
 class ScriptedProducer:
@@ -90,5 +90,9 @@ def test_a_waiting_delivery_can_be_abandoned_on_shutdown() -> None:
 
 def test_producer_settings_bound_the_wait_for_a_missing_reply_topic() -> None:
     assert PRODUCER_DEFAULTS["topic.metadata.propagation.max.ms"] <= 5_000  # not librdkafka's 30 s
-    assert PRODUCER_DEFAULTS["enable.idempotence"] is False and PRODUCER_DEFAULTS["acks"] == "all"
-    Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": "127.0.0.1:1"})  # librdkafka accepts every setting
+    assert FORCED == {"acks": "all", "enable.idempotence": True, "allow.auto.create.topics": False}
+    Producer({**PRODUCER_DEFAULTS, **FORCED, "bootstrap.servers": "127.0.0.1:1"})  # librdkafka accepts them all
+    # what a user passes cannot weaken them (ServeConfig refuses these; the publisher applies FORCED last)
+    assert forced_conflicts({"acks": "1", "enable.idempotence": "false", "allow.auto.create.topics": "true",
+                             "ACKS": "-1", "linger.ms": "5"}) == ["acks=1", "enable.idempotence=false",
+                                                                 "allow.auto.create.topics=true"]

@@ -57,7 +57,7 @@ def test_golden_result_bytes() -> None:
 
 
 def test_query_round_trip() -> None:
-    got = codec.decode_query(GOLDEN_QUERY, IDX)
+    got = codec.decode_query(GOLDEN_QUERY, IDX, Limits(replies_topic="r"))  # its reply topic is the service's
     assert isinstance(got, Query)
     assert (got.correlation_id, got.metric, got.mode, got.k, got.threshold, got.reply_topic, got.sent_at) == (
         "q-1", "cosine", "exact", 3, 0.25, "r", T0)
@@ -112,7 +112,7 @@ def test_fast_path_handles_negative_block_counts() -> None:
     at = body.index(bytes.fromhex("060000003f"))
     body[at:at + 1] = bytes.fromhex("0310")  # a block of -2 items (zigzag 3) of 8 bytes (zigzag 16) ...
     body[at + 2 + 8:at + 2 + 8] = bytes.fromhex("02")  # ... then a block of 1 item
-    got = codec.decode_query(bytes(body), IDX)
+    got = codec.decode_query(bytes(body), IDX, Limits(replies_topic="r"))
     assert isinstance(got, Query) and got.sample.tolist() == [0.5, -1.0, 2.0]
     assert fastavro.schemaless_reader(io.BytesIO(bytes(body[10:])), schemas.load_schema("query"))["sample"] == [
         0.5, -1.0, 2.0]
@@ -194,6 +194,39 @@ def test_random_bytes_never_raise(seed: int) -> None:
         for i in rng.integers(10, len(raw), size=3):
             raw[i] = int(rng.integers(0, 256))
     assert isinstance(codec.decode_query(bytes(raw), IDX), (Query, DecodeError))
+
+
+def test_reply_topics_are_the_services_unless_a_pattern_opts_in() -> None:
+    service = Limits(replies_topic="ecg-replies", reserved_topics=frozenset({"ecg-queries", "ecg-dead-letters"}))
+    assert isinstance(codec.decode_query(q(reply_topic="ecg-replies"), IDX, service), Query)
+    for topic in ("fresh-topic-1", "__consumer_offsets", "ecg-queries", "ecg-dead-letters", "x" * 300):
+        err = _err(q(reply_topic=topic), limits=service)
+        assert err.code is ErrorCode.BAD_REPLY_TOPIC and err.reply_topic is None, topic  # replied on the service's
+    assert "--reply-topic-pattern" in _err(q(reply_topic="fresh-topic-1"), limits=service).message
+    opted = Limits(reply_topic_pattern=re.compile(r".*"), replies_topic="ecg-replies",
+                   reserved_topics=frozenset({"ecg-queries", "ecg-dead-letters"}))
+    assert isinstance(codec.decode_query(q(reply_topic="fresh-topic-1"), IDX, opted), Query)
+    for topic in ("__consumer_offsets", "__transaction_state", "ecg-queries", "ecg-dead-letters", "a b"):
+        assert _err(q(reply_topic=topic), limits=opted).code is ErrorCode.BAD_REPLY_TOPIC, topic  # even with .*
+
+
+def test_huge_but_finite_samples_are_refused() -> None:
+    err = _err(q(sample=[0.5, 3e38, 1.0]))
+    assert err.code is ErrorCode.OUT_OF_RANGE and "sample value 1" in err.message and "1e+12" in err.message
+    assert isinstance(codec.decode_query(q(sample=[0.5, -1e12, 1.0]), IDX), Query)  # the bound itself is fine
+
+
+def test_what_a_sender_wrote_is_echoed_bounded() -> None:
+    err = _err(q(metric="m" * 100_000, mode="x" * 100_000))
+    res = codec.decode_result(codec.encode_result("q-1", error=err, received_at=T0, scored_at=T0))
+    assert len(res.metric) <= codec.MAX_ECHO and len(res.mode) <= codec.MAX_ECHO
+    assert len(res.error_message) <= codec.MAX_REASON
+    huge = codec.DecodeError(ErrorCode.INTERNAL, "r" * 10**6, "q-1")
+    raw = codec.encode_dead_letter(value=b"v" * 5000, key=b"k" * 10**6, topic="t" * 249, partition=0, offset=1,
+                                   timestamp=None, error=huge, failed_at=T0, max_bytes=4000)
+    assert len(raw) <= 4000 + codec.DEAD_LETTER_OVERHEAD
+    dl = codec.decode_dead_letter(raw)
+    assert len(dl["value"]) == 4000 and len(dl["key"]) == codec.MAX_DEAD_KEY and len(dl["reason"]) <= codec.MAX_REASON
 
 
 def test_error_result_and_dead_letter_round_trip() -> None:
