@@ -62,7 +62,7 @@ from streaming.executor_scoring import RECORD_COLUMNS, answer_on_executors, reco
 from streaming.index_cache import IndexHolder, holder_for
 from streaming.offset_gaps import OffsetGaps
 from streaming.scoring import BatchStats, Origin, Outgoing, Record, answer_batch, dead_letter, substitute
-from streaming.sink import Publisher, deliver, forced_conflicts, publisher_for
+from streaming.sink import DeliveryReport, Publisher, deliver, forced_conflicts, publisher_for
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -282,8 +282,7 @@ class BatchHandler:
                 out, stats = self._one_by_one(records, index, answer)
                 where = "driver, record by record"
         t1 = time.perf_counter()
-        report = deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
-                         substitute=functools.partial(self._substitute, index.version), abort=self.abort)
+        report = self._deliver(out, index.version)
         deliver_ms = (time.perf_counter() - t1) * 1000
         self.lag.advance(stats.offsets)
         metrics = {"batch_id": batch_id, **stats.as_dict(), "answered_on": where, "fetch_ms": round(fetch_ms, 2),
@@ -317,6 +316,11 @@ class BatchHandler:
             out.extend(part)
             stats.merge(part_stats)
         return out, stats
+
+    def _deliver(self, out: list[Outgoing], version: str) -> DeliveryReport:
+        """Publish a batch's messages; returns once every one (or its stand-in) is acknowledged."""
+        return deliver(self.publisher, out, service_topics=(self.cfg.replies_topic, self.cfg.dead_letter_topic),
+                       substitute=functools.partial(self._substitute, version), abort=self.abort)
 
     def _substitute(self, version: str, m: Outgoing, why: str, sender_topic: bool) -> Outgoing:
         return substitute(m, why, sender_topic=sender_topic, dead_letter_topic=self.cfg.dead_letter_topic,
