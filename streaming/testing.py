@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Final
@@ -37,7 +37,11 @@ HOSTILE_KINDS: Final[tuple[str, ...]] = (
     "headerless_avro", "wrong_length", "nan", "inf", "huge_k", "negative_k", "zero_k", "unknown_metric",
     "unknown_mode", "empty", "tombstone", "oversize", "long_correlation_id", "bad_threshold", "bad_reply_topic",
     "reserved_reply_topic", "trailing_bytes", "bad_utf8_id", "huge_array_block", "keyless_garbage",
+    "fresh_reply_topic", "internal_reply_topic", "huge_sample_value", "huge_metric", "huge_key_garbage",
 )
+#: CreateTime values a sender may set: Python's and Spark's range ends and beyond, "none" (-1), int64's max
+HOSTILE_TIMESTAMPS: Final[tuple[int, ...]] = (
+    253402300800001, 253402300799999, -62135596800001, -62135596800000, -1, 1, 2**62, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -49,18 +53,35 @@ class Hostile:
     value: bytes | None
     codes: frozenset[str]   # the error codes it may be rejected with
     reply_id: str | None    # the correlation id of its error reply; None = dead letter only
+    timestamp: int = 0      # the record's CreateTime (0: the producer's clock)
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.value or b"") + len(self.key or b"")
 
+    @property
+    def produce_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of ``Producer.produce`` that give the record its hostile metadata."""
+        return {"timestamp": self.timestamp, **({"headers": list(self.headers)} if self.headers else {})}
+
 
 def hostile_messages(n: int, *, dim: int, max_bytes: int, max_k: int, queries_topic: str, seed: int = 0,
                      id_prefix: str = "hostile") -> list[Hostile]:
-    """``n`` hostile messages cycling through :data:`HOSTILE_KINDS` (same seed, same bytes)."""
+    """``n`` hostile messages cycling through :data:`HOSTILE_KINDS` (same seed, same bytes).
+
+    Their Kafka metadata is hostile too: the timestamps cycle through :data:`HOSTILE_TIMESTAMPS`
+    (and the producer's clock), and every seventh record carries ~0.5 MB of binary headers.
+    """
     rng = np.random.default_rng(seed)
-    return [_hostile(HOSTILE_KINDS[i % len(HOSTILE_KINDS)], f"{id_prefix}-{i}", rng, dim, max_bytes, max_k,
-                     queries_topic) for i in range(n)]
+    out = []
+    for i in range(n):
+        h = _hostile(HOSTILE_KINDS[i % len(HOSTILE_KINDS)], f"{id_prefix}-{i}", rng, dim, max_bytes, max_k,
+                     queries_topic)
+        stamps = (0, *HOSTILE_TIMESTAMPS)
+        headers = tuple((f"h{j}", rng.bytes(10_000) if j % 5 else None) for j in range(50)) if i % 7 == 3 else ()
+        out.append(replace(h, timestamp=stamps[i % len(stamps)], headers=headers))
+    return out
 
 
 def _hostile(kind: str, cid: str, rng: np.random.Generator, dim: int, max_bytes: int, max_k: int,
@@ -146,6 +167,18 @@ def _hostile(kind: str, cid: str, rng: np.random.Generator, dim: int, max_bytes:
         return h(raw[:head] + _zigzag(1 << 40) + raw[head + 3:head + 200], "UNDECODABLE")
     if kind == "keyless_garbage":
         return h(b"\x01" + rng.bytes(int(rng.integers(1, 64))), "UNDECODABLE", reply=None, k=None)
+    if kind == "fresh_reply_topic":  # a legal name no topic has: would create one on an auto-creating producer
+        return h(q(reply_topic=f"fresh-{cid}-{int(rng.integers(1 << 30))}"), "BAD_REPLY_TOPIC")
+    if kind == "internal_reply_topic":
+        return h(q(reply_topic=str(rng.choice(["__consumer_offsets", "__transaction_state"]))), "BAD_REPLY_TOPIC")
+    if kind == "huge_sample_value":  # finite, but would overflow float32 sums in the compiled kernels
+        big = sample.copy()
+        big[int(rng.integers(dim))] = float(rng.choice([3e38, -1e30, 1e13]))
+        return h(q(sample=big), "OUT_OF_RANGE")
+    if kind == "huge_metric":  # its echo in the error reply must stay bounded
+        return h(q(metric="m" * min(10_000, max_bytes // 4)), "UNKNOWN_METRIC")
+    if kind == "huge_key_garbage":
+        return h(b"\x00" + rng.bytes(int(rng.integers(1, 512))), "UNDECODABLE", reply=None, k=rng.bytes(1 << 20))
     raise ValueError(f"unknown hostile kind {kind!r}")
 
 

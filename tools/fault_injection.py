@@ -8,7 +8,9 @@ while queries flow at a steady rate, injects:
   its whole process group), each followed by a restart from the same checkpoint;
 - ``outage``: the broker frozen (SIGSTOP: unreachable, log kept), then restarted (memory wiped: every
   topic comes back empty under a new id) while clients keep sending;
-- ``fuzz``: 10,000 hostile messages of every kind interleaved with valid queries;
+- ``fuzz``: 10,000 hostile messages of every kind, with hostile Kafka metadata (timestamps at both
+  ends of the range and beyond, ~0.5 MB of binary headers, 1 MiB keys), interleaved with valid
+  queries; the broker must hold the same topics after the run as before it;
 - ``upgrade``: a new index version published mid-stream, then a corrupt one.
 
 It prints one row per scenario: injected faults, queries sent, answered, lost, duplicated (extra
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from batch_index.builder import BuildConfig, build_index
 from batch_index.metrics import METRICS, scores
@@ -280,10 +283,13 @@ def scenario_fuzz(a: argparse.Namespace, ctx: dict) -> Row:
     with EmbeddedBroker() as broker:
         job = Job(broker, ctx["v1"], ctx["dir"], "fuzz", "--max-message-bytes", str(max_bytes),
                   "--max-k", "100").start()
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        topics_before = set(admin.list_topics(timeout=10).topics)
         with StreamClient(broker.bootstrap, job.queries, job.replies) as client:
             job.wait_serving(client, ctx["work"], a.reply_timeout)
             flow = Flow(client, ctx["work"], a.rate, "fuzz")
-            raw = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "message.max.bytes": 8 << 20})
+            raw = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "message.max.bytes": 8 << 20,
+                            "queue.buffering.max.kbytes": 1 << 20})
             for h in hostile:
                 if h.reply_id:
                     client.track(h.reply_id)
@@ -295,7 +301,7 @@ def scenario_fuzz(a: argparse.Namespace, ctx: dict) -> Row:
                 for h in hostile[state["next"]:due]:
                     while True:
                         try:
-                            raw.produce(job.queries, h.value, h.key)
+                            raw.produce(job.queries, h.value, h.key, **h.produce_kwargs)
                             break
                         except BufferError:
                             raw.poll(0.05)
@@ -325,6 +331,10 @@ def scenario_fuzz(a: argparse.Namespace, ctx: dict) -> Row:
             if len(codes) != len(hostile):
                 row.notes.append(f"dead letters: {len(codes)} of {len(hostile)}")
             row.notes.append(f"max batch {max((m['records'] for m in job.batch_metrics()), default=0)} records")
+            created = set(admin.list_topics(timeout=10).topics) - topics_before
+            row.wrong += len(created)
+            row.notes.append(f"topics created by senders: {len(created)}" + (f" ({sorted(created)[:5]})"
+                                                                            if created else ""))
         job.stop(row)
     return row
 
@@ -535,11 +545,15 @@ metrics at {a.rate:g} messages/s, each answer checked against a numpy brute forc
   `topic ... was recreated`) and reads the new logs from offset 0, and the clients' queries sent during the
   downtime are retried by their producer. Because a memory-only broker loses what it holds, the run
   drains the queries sent before the restart first; losses would then be the job's.
-- **fuzz**: 25 kinds of hostile message (random bytes, truncated Avro, valid Avro of another schema or an
-  unknown one, a query body without header, wrong lengths, NaN/inf, k huge/negative/zero, unknown metric
-  and mode, empty, tombstone, oversize, over-long correlation id, NaN threshold, illegal or reserved reply
-  topic, trailing bytes, invalid UTF-8, an array block claiming 2^40 floats, keyless garbage) mixed with
-  valid queries. Those whose correlation id is readable get an error reply; all get a dead letter.
+- **fuzz**: {len(HOSTILE_KINDS)} kinds of hostile message (random bytes, truncated Avro, valid Avro of another
+  schema or an unknown one, a query body without header, wrong lengths, NaN/inf, finite samples beyond
+  +-1e12, k huge/negative/zero, unknown metric and mode, a 10,000-character metric, empty, tombstone,
+  oversize, over-long correlation id, NaN threshold, illegal, reserved, internal (`__consumer_offsets`)
+  or fresh reply topics, trailing bytes, invalid UTF-8, an array block claiming 2^40 floats, keyless
+  garbage, garbage under a 1 MiB key) with hostile Kafka metadata (CreateTime at both ends of the
+  representable range and beyond it, -1 and 2^63-1; every seventh record with 50 binary headers of
+  10 KB) mixed with valid queries. Those whose correlation id is readable get an error reply; all get a
+  dead letter; a topic created by anything a sender wrote counts as *wrong*.
 - **upgrade**: a new index version is published by replacing the `CURRENT` pointer at 30 % of the run,
   a corrupt one (checksum mismatch) at 70 %: exactly one switch of versions, and the corrupt one refused
   (counted in `index_refused`, logged) while the previous one keeps answering.

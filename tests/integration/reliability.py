@@ -45,10 +45,11 @@ def brute_force(signals: np.ndarray, ids: Sequence[str], q: np.ndarray, metric: 
     return [ids[i] for i in top_k(scores(q, signals, metric), k)]
 
 
-def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]]
-            ) -> list[tuple[int, int]]:
-    """Produce (key, value) pairs in order; returns each one's (partition, offset)."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 8 << 20})
+def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]],
+            metadata: Sequence[dict[str, Any]] | None = None) -> list[tuple[int, int]]:
+    """Produce (key, value) pairs in order, each with its ``metadata`` (``Producer.produce`` keyword
+    arguments: timestamp, headers) if given; returns each one's (partition, offset)."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 64 << 20})
     where: list[tuple[int, int] | None] = [None] * len(messages)
 
     def ack(i: int) -> Callable[[KafkaError | None, Any], None]:
@@ -60,7 +61,7 @@ def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, b
     for i, (key, value) in enumerate(messages):
         while True:
             try:
-                p.produce(topic, value, key, on_delivery=ack(i))
+                p.produce(topic, value, key, on_delivery=ack(i), **(metadata[i] if metadata else {}))
                 break
             except BufferError:
                 p.poll(0.05)

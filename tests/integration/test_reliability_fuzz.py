@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from confluent_kafka.admin import AdminClient
 
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, decode_result, encode_query
 from streaming.index_cache import IndexHolder
 from streaming.job import ServeConfig
 from streaming.scoring import Record, answer_batch
-from streaming.testing import HOSTILE_KINDS, hostile_messages
+from streaming.testing import HOSTILE_KINDS, HOSTILE_TIMESTAMPS, hostile_messages
 
 from .reliability import REPLY_TIMEOUT, brute_force, produce, read_topic, running
 
@@ -88,7 +89,10 @@ def test_fuzz_through_broker_and_spark_keeps_the_job_up_and_answers_the_valid(
     valid = _valid(signals, 60, seed=22)
     order = np.random.default_rng(23).permutation(len(hostile) + len(valid))
     items = [(h.key, h.value) for h in hostile] + [(cid.encode(), v[0]) for cid, v in valid.items()]
-    where = produce(kafka_bootstrap, cfg.queries_topic, [items[i] for i in order])
+    meta = [h.produce_kwargs for h in hostile] + [{"timestamp": HOSTILE_TIMESTAMPS[i % len(HOSTILE_TIMESTAMPS)]}
+                                                 for i in range(len(valid))]  # valid queries, hostile metadata
+    before = set(AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics)
+    where = produce(kafka_bootstrap, cfg.queries_topic, [items[i] for i in order], [meta[i] for i in order])
     hostile_at = {where[j]: hostile[i] for j, i in enumerate(order) if i < len(hostile)}
 
     with StreamClient(cfg.bootstrap, cfg.queries_topic, cfg.replies_topic) as client:
@@ -119,3 +123,4 @@ def test_fuzz_through_broker_and_spark_keeps_the_job_up_and_answers_the_valid(
             assert d["value"] == h.value  # the raw bytes, untouched
     assert handler.totals["errors"] == len(hostile) and handler.totals["ok"] == len(valid) + 1
     assert handler.totals["undeliverable"] == 0
+    assert set(AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics) == before

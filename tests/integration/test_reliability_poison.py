@@ -35,11 +35,10 @@ from streaming.codec import DEAD_LETTER_OVERHEAD, decode_dead_letter, encode_que
 from streaming.job import BatchHandler, ServeConfig
 from streaming.scoring import Outgoing
 from streaming.sink import DeliveryReport
+from streaming.testing import HOSTILE_TIMESTAMPS
 
 from .reliability import REPLY_TIMEOUT, brute_force, read_topic, running, wait_for
 
-# CreateTime values a sender may set: Python's and Spark's range ends, beyond them, "none" (-1)
-HOSTILE_TIMESTAMPS = (253402300800001, 253402300799999, -62135596800001, -62135596800000, -1, 1, 2**62, 2**63 - 1)
 MAX_BYTES = 32 << 10
 
 
