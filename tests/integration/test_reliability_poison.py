@@ -244,3 +244,51 @@ def test_offsets_never_read_are_counted_also_after_a_restart(
         with running(spark, cfg) as (restarted, _):  # a new handler: where batch N-1 ended is in the checkpoint
             assert set(client.collect(second, REPLY_TIMEOUT)) == set(second)
     assert restarted.totals["skipped_offsets"] == 1
+
+
+class _FailsOnce:
+    """A real index whose first ``version`` read raises: a batch-level failure no record caused."""
+
+    def __init__(self, index: Any) -> None:
+        self._index, self._failed = index, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+    @property
+    def version(self) -> str:
+        if not self._failed:
+            self._failed = True
+            raise RuntimeError("injected batch-level failure")
+        return self._index.version
+
+
+class _FlakyHolder:
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls, self.reloads, self.refused = real, 0, 0, 0
+
+    def current(self) -> Any:
+        self.calls += 1
+        return self.real.current() if self.calls == 1 else _FailsOnce(self.real.current())  # 1st: start-up
+
+
+def test_a_batch_that_fails_as_a_whole_is_answered_record_by_record(
+        spark: object, kafka_bootstrap: str, make_topic: Callable[..., str], index_dir: Path,
+        corpus: tuple[list[str], np.ndarray], tmp_path: Path) -> None:
+    from streaming.index_cache import IndexHolder
+
+    ids, signals = corpus
+    cfg = _config(kafka_bootstrap, make_topic, tmp_path, index=str(index_dir))
+    handler = BatchHandler(cfg, _FlakyHolder(IndexHolder(index_dir)))  # type: ignore[arg-type]
+    p = _producer(kafka_bootstrap)
+    _send(p, cfg.queries_topic, b"garbage", b"g-1")
+    with StreamClient(cfg.bootstrap, cfg.queries_topic, cfg.replies_topic) as client:
+        client.track("g-1")
+        with running(spark, cfg, handler):
+            sent = {client.send(signals[i], "dot", k=3, mode="exact"): i for i in range(8)}
+            got = client.collect([*sent, "g-1"], REPLY_TIMEOUT)
+            dead = read_topic(kafka_bootstrap, cfg.dead_letter_topic, n=1, timeout=REPLY_TIMEOUT)
+    for cid, row in sent.items():
+        assert [m[0] for m in got[cid].result.matches] == brute_force(signals, ids, signals[row], "dot", 3)
+    assert got["g-1"].result.error_code == "UNDECODABLE" and len(dead) == 1
+    assert handler.totals["isolated_batches"] == handler.totals["batches"] >= 1
