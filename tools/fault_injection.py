@@ -246,10 +246,13 @@ def scenario_kill(a: argparse.Namespace, ctx: dict) -> Row:
 
 
 def scenario_outage(a: argparse.Namespace, ctx: dict) -> Row:
-    row = Row("outage", faults=f"broker frozen {a.pause_s:.0f} s (SIGSTOP); broker restarted, {a.down_s:.0f} s down, "
-                               "memory wiped (topics recreated, offsets back to 0)")
+    timeout_ms = int(a.pause_s * 1000 / 4)  # the freeze outlasts every in-flight delivery attempt
+    row = Row("outage", faults=f"broker frozen {a.pause_s:.0f} s (SIGSTOP; the job's message.timeout.ms "
+                               f"{timeout_ms}); broker restarted, {a.down_s:.0f} s down, memory wiped (topics "
+                               "recreated, offsets back to 0)")
     with EmbeddedBroker() as broker:
-        job = Job(broker, ctx["v1"], ctx["dir"], "outage").start()
+        job = Job(broker, ctx["v1"], ctx["dir"], "outage", "--kafka-option",
+                  f"message.timeout.ms={timeout_ms}").start()
         with StreamClient(broker.bootstrap, job.queries, job.replies) as client:
             job.wait_serving(client, ctx["work"], a.reply_timeout)
             flow = Flow(client, ctx["work"], a.rate, "outage")
@@ -539,7 +542,8 @@ metrics at {a.rate:g} messages/s, each answer checked against a numpy brute forc
   driver, whose JVM then fails its batch and exits; then its whole process group, like a crashed
   container) and restarted from the same checkpoint each time. Queries sent while it is down wait in
   Kafka.
-- **outage**: the broker is first frozen (SIGSTOP: connections hang, its log is kept), then restarted.
+- **outage**: the broker is first frozen (SIGSTOP: connections hang, its log is kept) for four times the
+  job's `message.timeout.ms`, so replies being delivered time out and are retried, then restarted.
   Tansu keeps topics in memory, so the restart brings every topic back empty under a new topic id; the
   job re-creates its topics, its source notices the new ids ("recreated topics noticed": the log line
   `topic ... was recreated`) and reads the new logs from offset 0, and the clients' queries sent during the
