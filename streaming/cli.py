@@ -13,9 +13,11 @@ Exit codes: 0 ok, 1 failure (replies missing, job failed, broker unreachable), 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from batch_index.errors import EcgSearchError, InvalidInputError
 from batch_index.metrics import METRICS
 from batch_index.search import MODES
+from streaming.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ ENV_BOOTSTRAP: Final[str] = "KAFKA_BOOTSTRAP"
 ENV_INDEX: Final[str] = "ECG_INDEX"
 ENV_QUERIES: Final[str] = "ECG_QUERIES_TOPIC"
 ENV_REPLIES: Final[str] = "ECG_REPLIES_TOPIC"
-ENV_DLQ: Final[str] = "ECG_DEAD_LETTER_TOPIC"
-ENV_CHECKPOINT: Final[str] = "ECG_CHECKPOINT"
 ENV_KAFKA_OPTIONS: Final[str] = "ECG_KAFKA_OPTIONS"  # "key=value;key=value" (TLS/SASL settings)
 
 
@@ -49,6 +50,42 @@ def _add(p: argparse.ArgumentParser, flag: str, env: str | None, default: Any, h
     if "type" in kw and value is not None and isinstance(value, str):
         value = kw["type"](value)
     p.add_argument(flag, default=value, help=f"{help}{shown}; default: %(default)s", **kw)
+
+
+def config_flags(p: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One flag per field of the dataclass ``cls``, from the field's metadata (see :mod:`streaming.config`).
+
+    The flag is ``--field-name`` and its environment variable ``ECG_FIELD_NAME`` unless the metadata
+    names others; the type follows the annotation (``int``, ``str``, optional ones, ``bool`` as a
+    ``--no-...`` switch, ``KEY=VALUE`` pairs repeatable and ';'-separated in the environment).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, kind = f.metadata, hints[f.name]
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        env = meta.get("env") or "ECG_" + f.name.upper()
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                           help=meta["help"])
+            continue
+        raw = os.environ.get(env)
+        if raw is None and f.name == "master":
+            raw = os.environ.get("SPARK_MASTER")  # the name this flag read before ECG_SPARK_MASTER
+        if typing.get_origin(kind) is tuple:  # KEY=VALUE pairs
+            default = [_key_value(o) for o in (raw or "").split(";") if o.strip()] if raw else list(f.default)
+            p.add_argument(flag, dest=f.name, action="append", type=_key_value, default=default,
+                           metavar=meta.get("metavar"), help=f"{meta['help']} (env {env})")
+            continue
+        convert = int if int in (kind, *typing.get_args(kind)) else str
+        default = f.default if raw is None else convert(raw)
+        p.add_argument(flag, dest=f.name, type=convert, default=default, choices=meta.get("choices"),
+                       help=f"{meta['help']} (env {env}); default: %(default)s")
+
+
+def config_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from the flags :func:`config_flags` added (its validation runs here)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -85,48 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the streaming job until interrupted (SIGINT/SIGTERM)")
-    _common(s)
-    _add(s, "--index", ENV_INDEX, None, "index directory, or a directory with a CURRENT pointer to one")
-    _add(s, "--dead-letter-topic", ENV_DLQ, "ecg-dead-letters", "topic for messages that cannot be answered")
-    _add(s, "--checkpoint", ENV_CHECKPOINT, None, "checkpoint directory (restarts resume from it); give one on "
-         "durable storage in production; default: a directory private to this user under $XDG_STATE_HOME "
-         "(~/.local/state/ecg-similarity/checkpoints), per queries topic and broker")
-    _add(s, "--source", "ECG_SOURCE", "ckafka", "ckafka = Python source on confluent-kafka; kafka = Spark's "
-         "JVM connector (needs spark-sql-kafka on the classpath)", choices=("ckafka", "kafka"))
-    _add(s, "--starting-offsets", "ECG_STARTING_OFFSETS", "earliest", "where a fresh checkpoint starts",
-         choices=("earliest", "latest"))
-    _add(s, "--max-queries-per-batch", "ECG_MAX_QUERIES_PER_BATCH", 2000, "rate control", type=int)
-    _add(s, "--max-batch-bytes", "ECG_MAX_BATCH_BYTES", 64 << 20, "memory bound per micro-batch (ckafka)",
-         type=int)
-    _add(s, "--max-read-ms", "ECG_MAX_READ_MS", 300, "ckafka: a micro-batch stops reading this many ms after "
-         "it has queries, even without reaching the end of the topic", type=int)
-    _add(s, "--read-quiet-ms", "ECG_READ_QUIET_MS", 50, "ckafka: a micro-batch that reached the end of the topic "
-         "waits this many ms for more queries (a burst is answered as one batch); 0 = none", type=int)
-    _add(s, "--trigger-ms", "ECG_TRIGGER_MS", 0, "micro-batch interval; 0 = back to back (lowest latency)",
-         type=int)
-    _add(s, "--max-k", "ECG_MAX_K", 1000, "largest k a query may ask for", type=int)
-    _add(s, "--max-message-bytes", "ECG_MAX_MESSAGE_BYTES", 1 << 20, "larger queries are rejected", type=int)
-    _add(s, "--reply-topic-pattern", "ECG_REPLY_TOPIC_PATTERN", None,
-         "opt in to per-query reply topics: a regex a query's own reply_topic must fullmatch; the service's "
-         "queries, dead-letter and internal (__*) topics are refused whatever it says, and the topic must "
-         "exist (the service never creates one); unset: replies go to --replies-topic only")
-    _add(s, "--n-probe", "ECG_N_PROBE", None, "hkmeans: tree leaves seeding the graph walk (default: per metric)",
-         type=int)
-    _add(s, "--ef", "ECG_EF", None, "hkmeans: points the graph walk keeps (default: per metric)", type=int)
-    _add(s, "--rerank", "ECG_RERANK", None, "candidates re-scored exactly (default: per metric)", type=int)
-    _add(s, "--master", "SPARK_MASTER", "local[2]", "Spark master")
-    _add(s, "--executor-min-batch", "ECG_EXECUTOR_MIN_BATCH", None, "micro-batches of at least this many "
-         "queries are answered on the executors, one slice per core; smaller ones on the driver; "
-         "0 = always the driver; unset: 0 on a local master (its executors share the driver's cores), "
-         "128 on a cluster", type=int)
-    _add(s, "--search-threads", "ECG_SEARCH_THREADS", None, "threads the driver's search uses; "
-         "unset: one per core of the driver", type=int)
-    _add(s, "--metrics-file", "ECG_METRICS_FILE", None, "append per-batch metrics here as JSON lines")
-    _add(s, "--replication-factor", "ECG_REPLICATION_FACTOR", -1, "replication factor of the topics the service "
-         "creates; -1 = the broker's default.replication.factor", type=int)
-    s.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
-    s.add_argument("--spark-conf", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="extra Spark setting, repeatable (spark.jars.packages=... for --source kafka)")
+    config_flags(s, ServeConfig)
 
     s = sub.add_parser("send", help="send every row of a Parquet file as a query; write the replies as Parquet")
     _common(s)
@@ -160,21 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands -----------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from streaming.job import ServeConfig, serve
+    from streaming.job import serve
 
-    cfg = ServeConfig(
-        bootstrap=args.bootstrap, index=args.index, queries_topic=args.queries_topic,
-        replies_topic=args.replies_topic, dead_letter_topic=args.dead_letter_topic, checkpoint=args.checkpoint,
-        source=args.source, starting_offsets=args.starting_offsets, max_queries_per_batch=args.max_queries_per_batch,
-        max_batch_bytes=args.max_batch_bytes, max_read_ms=args.max_read_ms, read_quiet_ms=args.read_quiet_ms,
-        trigger_ms=args.trigger_ms, max_k=args.max_k, max_message_bytes=args.max_message_bytes,
-        n_probe=args.n_probe, ef=args.ef, rerank=args.rerank, master=args.master,
-        executor_min_batch=args.executor_min_batch, search_threads=args.search_threads,
-        create_topics=not args.no_create_topics, replication_factor=args.replication_factor,
-        reply_topic_pattern=args.reply_topic_pattern or None,
-        metrics_file=args.metrics_file, kafka_options=tuple(args.kafka_option),
-        spark_conf=tuple(args.spark_conf))
-    return serve(cfg)
+    return serve(config_from_args(ServeConfig, args))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -348,9 +332,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from batch_index.builder import build_index
     from batch_index.synth import SynthConfig, generate
-    from streaming.broker import EmbeddedBroker, create_topics
+    from streaming.admin import create_topics
+    from streaming.broker import EmbeddedBroker
     from streaming.client import StreamClient
-    from streaming.job import ServeConfig, spark_session, start_query, stop_gracefully
+    from streaming.config import ServeConfig
+    from streaming.job import spark_session, start_query, stop_gracefully
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ecg-demo-"))
     print(f"workdir {work}")

@@ -35,8 +35,8 @@ from confluent_kafka.admin import AdminClient
 
 import schemas
 from batch_index.errors import EcgSearchError
-from streaming.broker import redact
 from streaming.codec import Result, decode_result, encode_query
+from streaming.redaction import redact
 
 logger = logging.getLogger(__name__)
 

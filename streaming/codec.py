@@ -24,7 +24,7 @@ import numpy.typing as npt
 import schemas
 from batch_index.corpus import MAX_ABS_VALUE
 from batch_index.metrics import METRICS
-from batch_index.search import MODES
+from batch_index.search import DEFAULT_MAX_K, MODES
 
 DEFAULT_MAX_BYTES: Final[int] = 1 << 20  # 1 MiB: ~100x a 2,500-sample query
 MAX_CORRELATION_ID: Final[int] = 256
@@ -82,7 +82,7 @@ class Limits:
     """
 
     max_bytes: int = DEFAULT_MAX_BYTES
-    max_k: int = 1000
+    max_k: int = DEFAULT_MAX_K
     reply_topic_pattern: re.Pattern[str] | None = None  # None: per-query reply topics are refused
     reserved_topics: frozenset[str] = frozenset()  # never a reply topic (the service's queries, dead letters)
     replies_topic: str | None = None

@@ -449,7 +449,7 @@ def _row(m: Any) -> Row:
 
 
 def _redact(text: str, client: Mapping[str, str]) -> str:
-    from streaming.broker import redact  # here: the broker module is not needed by readers otherwise
+    from streaming.redaction import redact  # here: not needed by readers otherwise
 
     return redact(text, client)
 
@@ -462,7 +462,7 @@ def _worker_logging(client: Mapping[str, str]) -> None:
     ``$ECG_LOG_LEVEL`` (the CLI exports its ``--log-level``), WARNING by default. Secret values of the
     Kafka settings are masked, as in the driver.
     """
-    from streaming.broker import SecretFilter
+    from streaming.redaction import SecretFilter
 
     top = logging.getLogger("streaming")
     if logging.getLogger().handlers or top.handlers:  # a process whose main() set logging up (and its filters)

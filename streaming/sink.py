@@ -32,7 +32,8 @@ from typing import Final
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from batch_index.errors import EcgSearchError
-from streaming.broker import BrokerError, redact
+from streaming.admin import BrokerError
+from streaming.redaction import redact
 from streaming.scoring import Outgoing
 
 logger = logging.getLogger(__name__)

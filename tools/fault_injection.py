@@ -48,10 +48,12 @@ from batch_index.builder import BuildConfig, build_index
 from batch_index.metrics import METRICS, scores
 from batch_index.search import SearchIndex
 from batch_index.synth import SynthConfig, generate
-from streaming.broker import EmbeddedBroker, create_topics
+from devtools.broker import ControllableBroker
+from devtools.hostile import HOSTILE_KINDS, hostile_messages
+from devtools.processes import RssSampler, ServeProcess
+from streaming.admin import create_topics
 from streaming.client import StreamClient
 from streaming.codec import Result, decode_dead_letter
-from streaming.testing import HOSTILE_KINDS, RssSampler, ServeProcess, hostile_messages
 
 REPO = Path(__file__).resolve().parents[1]
 K = 5
@@ -169,7 +171,7 @@ class Flow:
 class Job:
     """One serve process (restartable) on ``broker``, with memory sampling and its metrics file."""
 
-    def __init__(self, broker: EmbeddedBroker, index: Path, work_dir: Path, name: str, *extra: str) -> None:
+    def __init__(self, broker: ControllableBroker, index: Path, work_dir: Path, name: str, *extra: str) -> None:
         self.queries, self.replies, self.dlq = f"{name}-q", f"{name}-r", f"{name}-dlq"
         self.metrics = work_dir / f"{name}-metrics.jsonl"
         create_topics(broker.bootstrap, [self.queries, self.replies, self.dlq])
@@ -218,7 +220,7 @@ def scenario_kill(a: argparse.Namespace, ctx: dict) -> Row:
     row = Row("kill", faults=f"{a.kills} SIGKILLs of the job (1 driver-only, {a.kills - 1} whole process group) "
                             "+ restarts from the checkpoint")
     rng = random.Random(a.seed)
-    with EmbeddedBroker() as broker:
+    with ControllableBroker() as broker:
         job = Job(broker, ctx["v1"], ctx["dir"], "kill").start()
         with StreamClient(broker.bootstrap, job.queries, job.replies) as client:
             job.wait_serving(client, ctx["work"], a.reply_timeout)
@@ -250,7 +252,7 @@ def scenario_outage(a: argparse.Namespace, ctx: dict) -> Row:
     row = Row("outage", faults=f"broker frozen {a.pause_s:.0f} s (SIGSTOP; the job's message.timeout.ms "
                                f"{timeout_ms}); broker restarted, {a.down_s:.0f} s down, memory wiped (topics "
                                "recreated, offsets back to 0)")
-    with EmbeddedBroker() as broker:
+    with ControllableBroker() as broker:
         job = Job(broker, ctx["v1"], ctx["dir"], "outage", "--kafka-option",
                   f"message.timeout.ms={timeout_ms}").start()
         with StreamClient(broker.bootstrap, job.queries, job.replies) as client:
@@ -283,7 +285,7 @@ def scenario_fuzz(a: argparse.Namespace, ctx: dict) -> Row:
     max_bytes = 64 << 10
     hostile = hostile_messages(a.fuzz, dim=ctx["dim"], max_bytes=max_bytes, max_k=100, queries_topic="fuzz-q",
                                seed=a.seed)
-    with EmbeddedBroker() as broker:
+    with ControllableBroker() as broker:
         job = Job(broker, ctx["v1"], ctx["dir"], "fuzz", "--max-message-bytes", str(max_bytes),
                   "--max-k", "100").start()
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
@@ -348,7 +350,7 @@ def scenario_upgrade(a: argparse.Namespace, ctx: dict) -> Row:
     for name in ("v1", "v2"):  # copies: a version symlinked from outside the pointer's directory is refused
         shutil.copytree(ctx[name], root / name)
     (root / "CURRENT").write_text("v1\n")
-    with EmbeddedBroker() as broker:
+    with ControllableBroker() as broker:
         job = Job(broker, root, ctx["dir"], "upgrade").start()
         with StreamClient(broker.bootstrap, job.queries, job.replies) as client:
             job.wait_serving(client, ctx["work"], a.reply_timeout)

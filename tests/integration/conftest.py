@@ -16,7 +16,8 @@ import pytest
 
 from batch_index.builder import BuildConfig, build_index
 from batch_index.synth import SynthConfig, generate
-from streaming.broker import EmbeddedBroker, create_topics
+from streaming.admin import create_topics
+from streaming.broker import EmbeddedBroker
 
 INDEX_SIZE = 300
 

@@ -11,7 +11,10 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from batch_index.metrics import scores, top_k
-from streaming.job import BatchHandler, ServeConfig, TopicKeeper, start_query, stop_gracefully
+from streaming.config import ServeConfig
+from streaming.handler import BatchHandler
+from streaming.job import start_query, stop_gracefully
+from streaming.topic_keeper import TopicKeeper
 
 REPLY_TIMEOUT = 120.0  # generous: the machines running CI can be busy
 

@@ -32,7 +32,7 @@ def test_parser_env_defaults_and_help(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 
 def test_where_batches_are_answered_follows_the_master() -> None:
-    from streaming.job import ConfigError, ServeConfig
+    from streaming.config import ConfigError, ServeConfig
 
     local = ServeConfig(bootstrap="h:1", index="ix")
     assert local.executor_threshold == 0 and local.driver_threads >= 1  # executors are the driver's own cores
@@ -48,7 +48,7 @@ def test_where_batches_are_answered_follows_the_master() -> None:
 def test_gc_pauses_are_counted() -> None:
     import gc
 
-    from streaming.job import GcPauses
+    from streaming.probes import GcPauses
 
     pauses = GcPauses()
     try:

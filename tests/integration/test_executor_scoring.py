@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from devtools.hostile import hostile_messages
 from streaming.codec import decode_dead_letter, decode_result, encode_query
+from streaming.config import ServeConfig
 from streaming.executor_scoring import answer_on_executors, records_of
 from streaming.index_cache import IndexHolder
-from streaming.job import ServeConfig
 from streaming.scoring import answer_batch
-from streaming.testing import hostile_messages
 
 
 def _table(corpus: tuple[list[str], np.ndarray], index_dim: int, cfg: ServeConfig) -> pa.Table:

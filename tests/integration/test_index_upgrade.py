@@ -12,8 +12,10 @@ import pytest
 from batch_index.builder import BuildConfig, build_index
 from batch_index.errors import IndexFormatError
 from streaming.client import StreamClient
+from streaming.config import ServeConfig
+from streaming.handler import BatchHandler
 from streaming.index_cache import IndexHolder, resolve_index
-from streaming.job import BatchHandler, ServeConfig, start_query, stop_gracefully
+from streaming.job import start_query, stop_gracefully
 
 
 def _build(root: Path, name: str, signals: np.ndarray, ids: list[str]) -> Path:

@@ -16,7 +16,9 @@ from batch_index.metrics import scores, top_k
 from batch_index.search import SearchIndex
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, encode_query
-from streaming.job import BatchHandler, ConfigError, ServeConfig, start_query, stop_gracefully
+from streaming.config import ConfigError, ServeConfig
+from streaming.handler import BatchHandler
+from streaming.job import start_query, stop_gracefully
 
 REPLY_TIMEOUT = 90.0  # generous: the first micro-batch of a session includes Python worker start-up
 

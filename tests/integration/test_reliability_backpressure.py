@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from streaming.client import StreamClient
-from streaming.job import ServeConfig
+from streaming.config import ServeConfig
 
 from .reliability import REPLY_TIMEOUT, running
 

@@ -20,18 +20,19 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from streaming.broker import EmbeddedBroker, create_topics
+from devtools.broker import ControllableBroker
+from streaming.admin import create_topics
 from streaming.cli import main
 from streaming.client import StreamClient
-from streaming.job import ServeConfig
+from streaming.config import ServeConfig
 from streaming.kafka_source import EPOCH_KEY, ID_KEY, KafkaStreamReader, SourceOptions, _positions
 
 from .reliability import REPLY_TIMEOUT, running, wait_for
 
 
 @pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
+def broker() -> Iterator[ControllableBroker]:
+    with ControllableBroker() as b:
         yield b
 
 
@@ -48,7 +49,7 @@ def _reader(bootstrap: str, topic: str) -> KafkaStreamReader:
 
 
 def test_reader_takes_a_recreated_topic_from_its_beginning_even_at_the_old_offset(
-        broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture) -> None:
+        broker: ControllableBroker, caplog: pytest.LogCaptureFixture) -> None:
     create_topics(broker.bootstrap, ["q"])
     _produce(broker.bootstrap, "q", [b"old-%d" % i for i in range(5)])
     r = _reader(broker.bootstrap, "q")
@@ -78,7 +79,7 @@ def test_reader_takes_a_recreated_topic_from_its_beginning_even_at_the_old_offse
 
 
 def test_replay_waits_for_an_unreachable_broker_then_reports_what_the_broker_lost(
-        broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture) -> None:
+        broker: ControllableBroker, caplog: pytest.LogCaptureFixture) -> None:
     create_topics(broker.bootstrap, ["q"])
     _produce(broker.bootstrap, "q", [b"m%d" % i for i in range(6)])
     r = _reader(broker.bootstrap, "q")
@@ -104,7 +105,7 @@ def test_replay_waits_for_an_unreachable_broker_then_reports_what_the_broker_los
 
 
 def test_job_survives_a_broker_restart_and_serves_new_queries(
-        spark: object, broker: EmbeddedBroker, index_dir: Path, corpus: tuple[list[str], np.ndarray],
+        spark: object, broker: ControllableBroker, index_dir: Path, corpus: tuple[list[str], np.ndarray],
         tmp_path: Path) -> None:
     ids, signals = corpus
     cfg = ServeConfig(bootstrap=broker.bootstrap, index=str(index_dir), queries_topic="q", replies_topic="r",

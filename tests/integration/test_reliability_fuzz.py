@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka.admin import AdminClient
 
+from devtools.hostile import HOSTILE_KINDS, HOSTILE_TIMESTAMPS, hostile_messages
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, decode_result, encode_query
+from streaming.config import ServeConfig
 from streaming.index_cache import IndexHolder
-from streaming.job import ServeConfig
 from streaming.scoring import Record, answer_batch
-from streaming.testing import HOSTILE_KINDS, HOSTILE_TIMESTAMPS, hostile_messages
 
 from .reliability import REPLY_TIMEOUT, brute_force, produce, read_topic, running
 

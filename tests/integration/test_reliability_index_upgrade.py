@@ -20,8 +20,9 @@ import pytest
 
 from batch_index.search import SearchIndex
 from streaming.client import StreamClient
+from streaming.config import ServeConfig
+from streaming.handler import BatchHandler
 from streaming.index_cache import IndexHolder
-from streaming.job import BatchHandler, ServeConfig
 
 from .reliability import REPLY_TIMEOUT, running
 from .test_index_upgrade import _build, _point

@@ -29,13 +29,15 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient
 
-from streaming.broker import EmbeddedBroker, create_topics
+from devtools.broker import ControllableBroker
+from devtools.hostile import HOSTILE_TIMESTAMPS
+from streaming.admin import create_topics
 from streaming.client import StreamClient
 from streaming.codec import DEAD_LETTER_OVERHEAD, decode_dead_letter, encode_query
-from streaming.job import BatchHandler, ServeConfig
+from streaming.config import ServeConfig
+from streaming.handler import BatchHandler
 from streaming.scoring import Outgoing
 from streaming.sink import DeliveryReport
-from streaming.testing import HOSTILE_TIMESTAMPS
 
 from .reliability import REPLY_TIMEOUT, brute_force, read_topic, running, wait_for
 
@@ -149,7 +151,7 @@ def test_opted_in_reply_topics_must_exist_and_are_never_created(
 class PausingHandler(BatchHandler):
     """Freezes the broker (SIGSTOP) as the first batch starts delivering, for ``down_s`` seconds."""
 
-    def __init__(self, cfg: ServeConfig, broker: EmbeddedBroker, down_s: float) -> None:
+    def __init__(self, cfg: ServeConfig, broker: ControllableBroker, down_s: float) -> None:
         super().__init__(cfg)
         self.broker, self.down_s, self.paused = broker, down_s, threading.Event()
 
@@ -162,13 +164,13 @@ class PausingHandler(BatchHandler):
 
 
 @pytest.fixture
-def own_broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
+def own_broker() -> Iterator[ControllableBroker]:
+    with ControllableBroker() as b:
         yield b
 
 
 def test_broker_gone_during_delivery_longer_than_the_message_timeout_loses_no_reply(
-        spark: object, own_broker: EmbeddedBroker, index_dir: Path, corpus: tuple[list[str], np.ndarray],
+        spark: object, own_broker: ControllableBroker, index_dir: Path, corpus: tuple[list[str], np.ndarray],
         tmp_path: Path) -> None:
     ids, signals = corpus
     b = own_broker.bootstrap

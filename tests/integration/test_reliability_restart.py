@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.processes import ServeProcess
 from streaming.client import StreamClient
-from streaming.testing import ServeProcess
 
 from .reliability import brute_force, read_topic
 

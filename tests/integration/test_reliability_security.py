@@ -23,15 +23,19 @@ import numpy as np
 import pytest
 
 from batch_index.errors import IndexFormatError
-from streaming.broker import BrokerError, admin_client, create_topics, redact
+from streaming.admin import BrokerError, admin_client, create_topics
 from streaming.cli import main
 from streaming.client import ClientError, StreamClient
 from streaming.codec import decode_result, encode_query
+from streaming.config import ConfigError, ServeConfig
+from streaming.handler import BatchHandler
 from streaming.index_cache import IndexHolder, resolve_index
-from streaming.job import BatchHandler, ConfigError, ServeConfig, TopicKeeper, start_query
+from streaming.job import start_query
 from streaming.kafka_source import KafkaStreamReader, SourceConfigError, SourceOptions
+from streaming.redaction import redact
 from streaming.scoring import Record, answer_batch
 from streaming.sink import Publisher
+from streaming.topic_keeper import TopicKeeper
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-correct-horse-battery"

@@ -22,7 +22,7 @@ import yaml
 
 from batch_index.cli import build_parser as batch_parser
 from streaming.cli import build_parser as streaming_parser
-from streaming.job import ServeConfig
+from streaming.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

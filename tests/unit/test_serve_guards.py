@@ -10,7 +10,7 @@ from typing import NamedTuple
 import pytest
 
 from streaming.cli import build_parser
-from streaming.job import ConfigError, ServeConfig
+from streaming.config import ConfigError, ServeConfig
 from streaming.offset_gaps import OffsetGaps
 
 
@@ -67,3 +67,23 @@ def test_gaps_after_a_restart_start_from_the_checkpoints_offset_log(tmp_path: Pa
     gaps = OffsetGaps(str(tmp_path))
     assert gaps.observe(7, [Rec("q", 0, 45), Rec("q", 1, 3)]) == 5
     assert OffsetGaps(str(tmp_path / "elsewhere")).observe(7, [Rec("q", 0, 45)]) == 0  # no log: nothing claimed
+
+
+def test_serve_flags_are_the_config_fields_with_the_same_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    for f in dataclasses.fields(ServeConfig):  # a stray deployment variable must not change the defaults
+        monkeypatch.delenv("ECG_" + f.name.upper(), raising=False)
+    for name in ("KAFKA_BOOTSTRAP", "ECG_SPARK_MASTER", "SPARK_MASTER", "ECG_KAFKA_OPTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["serve", "--bootstrap", "h:1", "--index", "ix"])
+    parsed = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()} == {
+        **defaults, "bootstrap": "h:1", "index": "ix"}
+    monkeypatch.setenv("ECG_MAX_K", "7")
+    monkeypatch.setenv("SPARK_MASTER", "spark://old:7077")  # the variable this flag read first still works
+    monkeypatch.setenv("ECG_SPARK_CONF", "spark.a=1;spark.b=2")
+    args = build_parser().parse_args(["serve", "--bootstrap", "h:1", "--index", "ix", "--no-create-topics"])
+    assert (args.max_k, args.master, args.spark_conf, args.create_topics) == (
+        7, "spark://old:7077", [("spark.a", "1"), ("spark.b", "2")], False)

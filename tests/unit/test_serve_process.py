@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from streaming.testing import ServeProcess
+from devtools.processes import ServeProcess
 
 # a parent (new session, like serve) whose child moves to a process group of its own, as Spark's
 # Python worker daemon does; the child prints its pid, then both sleep
