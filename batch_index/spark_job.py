@@ -45,7 +45,11 @@ def spark_session(master: str = "local[2]", app_name: str = "ecg-similarity", dr
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors need this venv's packages
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master.strip().startswith("local"):  # one machine: bind to loopback instead of warning that it did
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    log_config = Path(__file__).with_name("log4j2.properties")  # quiet what is ours to quiet
     builder = (SparkSession.builder.master(master).appName(app_name)
+               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log_config}")
                .config("spark.driver.memory", driver_memory)
                .config("spark.python.worker.reuse", "true")  # off: ~5 s per streaming batch (docs/kafka.md)
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
