@@ -189,8 +189,9 @@ def decode_query(raw: bytes | None, index: IndexInfo, limits: Limits = DEFAULT_L
     if raw is None or len(raw) == 0:
         return DecodeError(ErrorCode.UNDECODABLE, "empty message", fallback_id)
     if len(raw) > limits.max_bytes:
-        return DecodeError(ErrorCode.OVERSIZE, f"message of {len(raw)} bytes exceeds the limit of "
-                           f"{limits.max_bytes} bytes", fallback_id)
+        size = "more than " if len(raw) == limits.max_bytes + 1 else ""  # the source cuts what is longer
+        return DecodeError(ErrorCode.OVERSIZE, f"message of {size}{len(raw) - bool(size)} bytes exceeds the limit "
+                           f"of {limits.max_bytes} bytes", fallback_id)
     try:
         rec = _fast_query(raw) if raw[2:schemas.HEADER_LEN] == _FAST_FP and raw[:2] == schemas.MAGIC \
             else schemas.decode("query", raw)

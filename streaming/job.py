@@ -74,7 +74,8 @@ def start_query(spark: SparkSession, cfg: ServeConfig, handler: BatchHandler | N
               .option("maxOffsetsPerTrigger", cfg.max_queries_per_batch))
     if cfg.source == "ckafka":
         reader = (reader.option("idleWaitMs", cfg.idle_wait_ms).option("maxBytesPerTrigger", cfg.max_batch_bytes)
-                  .option("maxReadMs", cfg.max_read_ms).option("quietMs", cfg.read_quiet_ms))
+                  .option("maxReadMs", cfg.max_read_ms).option("quietMs", cfg.read_quiet_ms)
+                  .option("maxRecordBytes", cfg.max_message_bytes))
     else:
         reader = reader.option("failOnDataLoss", "false")
     for k, v in cfg.kafka_options:

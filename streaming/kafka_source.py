@@ -61,6 +61,8 @@ from confluent_kafka.admin import AdminClient
 from pyspark.sql.datasource import DataSource, SimpleDataSourceStreamReader
 from pyspark.sql.types import StructType
 
+from batch_index.errors import EcgSearchError
+
 logger = logging.getLogger(__name__)
 
 NAME: Final[str] = "ckafka"
@@ -69,6 +71,7 @@ SCHEMA: Final[str] = ("key binary, value binary, topic string, partition int, of
 ID_KEY: Final[str] = "@id"        # offsets: the topic id the positions belong to
 EPOCH_KEY: Final[str] = "@epoch"  # offsets: how many times this topic's log restarted under the query
 REPEAT_LOG_S: Final[float] = 30.0  # the same warning is logged at most this often
+MAX_KEY_BYTES: Final[int] = 64 << 10  # of a record's key, passed on
 Offsets = dict[str, dict[str, Any]]
 TP = tuple[str, int]
 Row = tuple[bytes | None, bytes | None, str, int, int, datetime | None, int]
@@ -79,7 +82,7 @@ _MIN_TS_MS: Final[int] = -62135596800000 + 86_400_000   # 0001-01-02T00:00:00Z
 _MAX_TS_MS: Final[int] = 253402300799999 - 86_400_000   # 9999-12-30T23:59:59.999Z
 
 
-class SourceConfigError(ValueError):
+class SourceConfigError(EcgSearchError, ValueError):
     """The source's options (or the Kafka settings passed through them) are unusable."""
 
 
@@ -96,6 +99,7 @@ class SourceOptions:
     read_timeout_ms: int = 10_000          # readTimeoutMs: give up reading to end-of-partition after this
     max_read_ms: int = 300                 # maxReadMs: a read holding records ends after this, EOF or not
     quiet_ms: int = 50                     # quietMs: ... or once no record arrived for this long (0: at EOF)
+    max_record_bytes: int | None = None    # maxRecordBytes: a longer value reaches Spark cut to this + 1 bytes
     client: Mapping[str, str] = field(default_factory=dict, repr=False)  # other kafka.* options (secrets)
 
     @classmethod
@@ -115,7 +119,8 @@ class SourceOptions:
                                                        ("idlewaitms", "idle_wait_ms"),
                                                        ("readtimeoutms", "read_timeout_ms"),
                                                        ("maxreadms", "max_read_ms"),
-                                                       ("quietms", "quiet_ms")) if key in opts}
+                                                       ("quietms", "quiet_ms"),
+                                                       ("maxrecordbytes", "max_record_bytes")) if key in opts}
         for name, value in ints.items():
             if value < (0 if name in ("idle_wait_ms", "quiet_ms") else 1):
                 raise SourceConfigError(f"source option {name} must be positive, got {value}")
@@ -429,7 +434,7 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
                     first_row = last_row
                 if keep:
                     size += len(m.value() or b"") + len(m.key() or b"")
-                    got.rows.append(_row(m))
+                    got.rows.append(_row(m, self.opts.max_record_bytes))
                     if max_bytes is not None and size >= max_bytes:
                         break  # the rest of this fetch is read again by the next micro-batch
                 if stop_at is not None and off + 1 >= stop_at.get(tp, 0):
@@ -437,15 +442,26 @@ class KafkaStreamReader(SimpleDataSourceStreamReader):
         return got
 
 
-def _row(m: Any) -> Row:
-    """The row of one record; never raises (see the module docstring)."""
+def _row(m: Any, max_value: int | None) -> Row:
+    """The row of one record; never raises (see the module docstring).
+
+    A value over ``max_value`` bytes is cut to ``max_value + 1``: the decoder refuses it as oversize
+    all the same, and the rest of it need not be copied through Spark (a 600 MB value compressed into
+    a few kilobytes is a record like any other). Keys are cut at :data:`MAX_KEY_BYTES` (an id is 256
+    characters at most; a dead letter keeps 1 KiB of a key).
+    """
     ts_type, ts = m.timestamp()
     try:
         when = (datetime.fromtimestamp(ts / 1000, timezone.utc)
                 if ts_type and _MIN_TS_MS <= ts <= _MAX_TS_MS else None)
     except (OverflowError, OSError, ValueError):  # platforms differ at the edges of the range
         when = None
-    return (m.key(), m.value(), m.topic(), m.partition(), m.offset(), when, ts_type)
+    key, value = m.key(), m.value()
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        key = key[:MAX_KEY_BYTES]
+    if max_value is not None and value is not None and len(value) > max_value:
+        value = value[:max_value + 1]
+    return (key, value, m.topic(), m.partition(), m.offset(), when, ts_type)
 
 
 def _redact(text: str, client: Mapping[str, str]) -> str:

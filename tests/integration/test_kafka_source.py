@@ -153,3 +153,23 @@ def test_reader_pickles_without_its_consumer(kafka_bootstrap: str, make_topic: C
     assert len(list(clone.read({topic: {}})[0])) == 2
     r.stop()
     clone.stop()
+
+
+def test_rows_are_bounded_and_carry_any_timestamp(kafka_bootstrap: str, make_topic: Callable[..., str]) -> None:
+    """A 120 MB record (over librdkafka's default receive limit) and CreateTimes no datetime holds."""
+    from streaming.kafka_source import MAX_KEY_BYTES
+
+    topic = make_topic("src")
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 200 << 20, "compression.type": "zstd"})
+    p.produce(topic, value=bytes(120 << 20), key=b"k" * (MAX_KEY_BYTES + 10))
+    for ts in (253402300800001, -62135596800001, 253402300799999, 1_700_000_000_000):
+        p.produce(topic, value=b"v", key=b"t", timestamp=ts)
+    assert p.flush(60) == 0
+    r = _reader(kafka_bootstrap, topic, maxRecordBytes=1000)
+    rows, end = r.read({topic: {}})
+    (big,) = list(rows)  # alone: its full size counts against the batch's byte bound
+    rows, _ = r.read(end)
+    stamped = list(rows)
+    assert len(big[1]) == 1001 and len(big[0]) == MAX_KEY_BYTES  # enough to refuse it, no more
+    assert [r[5] is None for r in stamped] == [True, True, True, False]  # the last day of 9999 is outside too
+    assert all(r[6] == 1 for r in stamped)  # the timestamp type is kept
