@@ -1,4 +1,5 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4); ``report`` re-renders study 1.
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5); ``report``
+re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -125,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--partitions", type=int, default=4, help="shards, the same for every master")
     d.add_argument("--repeats", type=int, default=2)
 
+    f = sub.add_parser("first-search", help="study 5: first search after install vs the next, with/without warm")
+    _common(f, "first-search")
+    f.add_argument("--metric", default="cosine")
+    f.add_argument("--mode", default="hkmeans", choices=MODES)
+    f.add_argument("--repeats", type=int, default=1)
+    f.add_argument("--wfdb-dir", type=Path,
+                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
 
@@ -202,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.run(distributed.DistributedConfig(
                 n=args.n, masters=tuple(args.masters.split(",")), partitions=args.partitions, repeats=args.repeats,
                 seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            return 0
+        if args.study == "first-search":
+            from bench import first_search
+
+            path = first_search.run(first_search.FirstSearchConfig(
+                wfdb_dir=args.wfdb_dir, metric=args.metric, mode=args.mode, repeats=args.repeats,
+                workdir=args.workdir, out=args.out), _command(argv))
+            print(f"study 5 report: {path}")
             return 0
         if args.study == "report":
             from bench.report import rerender_recall
