@@ -1,5 +1,5 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5); ``report``
-re-renders study 1.
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5), exact (6);
+``report`` re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from batch_index.errors import EcgSearchError
-from batch_index.metrics import parse_metrics
+from batch_index.metrics import METRICS, parse_metrics
 from batch_index.search import MODES
 from bench.measure import REPO
 
@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                    default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
                    help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
 
+    x = sub.add_parser("exact", help="study 6: exact mode (lower-bound pruning) vs brute force, 1 thread")
+    _common(x, "exact")
+    x.add_argument("--n", type=int, default=100_000, help="synthetic corpus size (default %(default)s)")
+    x.add_argument("--queries", type=int, default=20, help="queries per query set (default %(default)s)")
+    x.add_argument("--datasets", default="synthetic,real", help="synthetic,real (default %(default)s)")
+    x.add_argument("--metrics", default=",".join(METRICS))
+    x.add_argument("--reuse-index", action="store_true",
+                   help="search the index an earlier run left in --workdir instead of building it again")
+    x.add_argument("--wfdb-dir", type=Path,
+                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
 
@@ -220,6 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wfdb_dir=args.wfdb_dir, metric=args.metric, mode=args.mode, repeats=args.repeats,
                 workdir=args.workdir, out=args.out), _command(argv))
             print(f"study 5 report: {path}")
+            return 0
+        if args.study == "exact":
+            from bench import exact_study
+
+            path = exact_study.run(exact_study.ExactConfig(
+                wfdb_dir=args.wfdb_dir, n=args.n, n_queries=args.queries,
+                datasets=tuple(t for t in args.datasets.split(",") if t), metrics=parse_metrics(args.metrics),
+                reuse_index=args.reuse_index, seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            print(f"study 6 report: {path}")
             return 0
         if args.study == "report":
             from bench.report import rerender_recall
