@@ -68,7 +68,7 @@ def _common(p: argparse.ArgumentParser, study: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from bench.recall import RecallConfig
-    from bench.systems import Sweep
+    from bench.systems import PEERS, Sweep
 
     rc, sw = RecallConfig(), Sweep()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hnsw-m", type=int, default=sw.hnsw_m)
     r.add_argument("--hnsw-ef-construction", type=int, default=sw.hnsw_ef_construction)
     r.add_argument("--no-faiss", action="store_true", help="skip FAISS (e.g. when faiss-cpu is not installed)")
+    r.add_argument("--peers", default=",".join(PEERS),
+                   help="peer systems (bench.peers) to build, comma-separated, '' for none (default %(default)s)")
     r.add_argument("--cells", type=_cells, default=rc.cells,
                    help="timed (threads:style) cells; the first is the primary (default 1:single,1:batch,2:batch)")
     r.add_argument("--repeats", type=int, default=rc.repeats, help="timed rounds; medians reported")
@@ -272,13 +274,18 @@ def _recall(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         parser.error(f"real records not found in {args.wfdb_dir} (set --wfdb-dir or {ENV_WFDB_DIR})")
     if args.n < 100 or args.queries < 1 or args.repeats < 1:
         parser.error("need --n >= 100, --queries >= 1, --repeats >= 1")
+    from bench.systems import PEERS as KNOWN_PEERS
+
+    peers = tuple(p for p in args.peers.split(",") if p)
+    if set(peers) - set(KNOWN_PEERS):
+        parser.error(f"--peers takes {','.join(KNOWN_PEERS)}; got {args.peers!r}")
     sweep = Sweep(ef=args.ef, n_probe=args.n_probe, hk_rerank=args.hk_rerank, rerank=args.rerank,
                   ivf_nprobe=args.ivf_nprobe,
                   ivf_nlist=args.ivf_nlist, hnsw_ef=args.hnsw_ef, hnsw_m=args.hnsw_m,
                   hnsw_ef_construction=args.hnsw_ef_construction)
     cfg = RecallConfig(n=args.n, n_queries=args.queries, datasets=kinds, metrics=parse_metrics(args.metrics),
                        sweep=sweep, cells=args.cells, repeats=args.repeats, min_time=args.min_time,
-                       target=args.target, margin=args.margin, faiss=not args.no_faiss, seed=args.seed,
+                       target=args.target, margin=args.margin, faiss=not args.no_faiss, peers=peers, seed=args.seed,
                        stride_s=args.stride, wfdb_dir=args.wfdb_dir, workdir=args.workdir, out=args.out)
     path = run(cfg, _command(argv))
     print(f"study 1 report: {path}")

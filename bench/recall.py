@@ -25,7 +25,8 @@ from batch_index.search import SearchIndex
 from bench import report
 from bench.data import Dataset, Perturb, real_records, synthetic
 from bench.measure import SearchFn, capped_threads, found_scores, machine_info, median_qps, recall_at_k, time_pass
-from bench.systems import Config, Sweep, faiss_systems, numpy_brute, ours
+from bench.peers import PeerSweep, peer_systems
+from bench.systems import PEERS, Config, Sweep, faiss_systems, numpy_brute, ours
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class RecallConfig:
     target: float = 0.95
     margin: float = 0.02
     faiss: bool = True
+    peers: tuple[str, ...] = PEERS
+    peer_sweep: PeerSweep = field(default_factory=PeerSweep)
     seed: int = 0
     stride_s: float = 0.5
     wfdb_dir: Path = Path("../shared/data/wfdb")
@@ -124,6 +127,9 @@ def run_dataset(ds: Dataset, cfg: RecallConfig) -> list[dict[str, Any]]:
         if cfg.faiss:
             with capped_threads(cfg.build_threads):
                 configs += faiss_systems(ds.corpus, metric, cfg.k, cfg.sweep, cfg.seed)
+        if cfg.peers:
+            with capped_threads(cfg.build_threads):
+                configs += peer_systems(ds.corpus, metric, cfg.k, cfg.peer_sweep, cfg.peers, cfg.seed)
         rows += evaluate(ds, metric, configs, cfg)
         logger.info("%s %s: %d configurations done in %.0f s", ds.name, metric, len(configs),
                     time.perf_counter() - t0)
