@@ -342,9 +342,12 @@ def _one_query(terms: QueryTerms, i: int, sb: ShardBounds, signals: np.ndarray, 
     tau = best[1][-1] if len(best[1]) == k else -np.inf
     cheap[first] = np.nan  # scored already: NaN passes no comparison, not even >= -inf
     rest = np.flatnonzero(cheap >= tau)
-    bound = _bounds(terms, i, sb, metric, rest, fine=True)
-    keep = bound >= tau
-    rest, bound = rest[keep], bound[keep]
+    if 4 * len(rest) <= n or metric == "manhattan":  # else the bounds are loose here: float32 scores next
+        bound = _bounds(terms, i, sb, metric, rest, fine=True)
+        keep = bound >= tau
+        rest, bound = rest[keep], bound[keep]
+    else:
+        bound = cheap[rest]
     if len(rest) > BULK:  # many left (the bounds are loose on this data): bound them in float32 at once,
         # in place over every row (one BLAS pass) where gathering them would copy more than a quarter of
         # the shard; L1 has no BLAS, so manhattan always gathers

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hnsw-m", type=int, default=sw.hnsw_m)
     r.add_argument("--hnsw-ef-construction", type=int, default=sw.hnsw_ef_construction)
     r.add_argument("--no-faiss", action="store_true", help="skip FAISS (e.g. when faiss-cpu is not installed)")
+    r.add_argument("--reuse-index", action="store_true",
+                   help="search our index an earlier run left in --workdir instead of building it again")
     r.add_argument("--peers", default=",".join(PEERS),
                    help="peer systems (bench.peers) to build, comma-separated, '' for none (default %(default)s)")
     r.add_argument("--cells", type=_cells, default=rc.cells,
@@ -285,7 +287,8 @@ def _recall(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
                   hnsw_ef_construction=args.hnsw_ef_construction)
     cfg = RecallConfig(n=args.n, n_queries=args.queries, datasets=kinds, metrics=parse_metrics(args.metrics),
                        sweep=sweep, cells=args.cells, repeats=args.repeats, min_time=args.min_time,
-                       target=args.target, margin=args.margin, faiss=not args.no_faiss, peers=peers, seed=args.seed,
+                       target=args.target, margin=args.margin, faiss=not args.no_faiss, peers=peers,
+                       reuse_index=args.reuse_index, seed=args.seed,
                        stride_s=args.stride, wfdb_dir=args.wfdb_dir, workdir=args.workdir, out=args.out)
     path = run(cfg, _command(argv))
     print(f"study 1 report: {path}")
