@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,plot,bench]'
+	@# fill numba's cache now: otherwise the first search compiles its kernels for ~20-30 s
+	$(PY) -m batch_index warm
 	touch $@
 
 setup: $(VENV)/.installed

@@ -60,15 +60,18 @@ def scores(query: npt.ArrayLike, points: npt.ArrayLike, metric: str) -> F64:
     check_metric(metric)
     q = np.asarray(query, dtype=np.float64)
     x = np.asarray(points, dtype=np.float64)
+    # einsum, not BLAS: a BLAS product's last bits depend on where a row sits in the matrix (measured:
+    # the same row scored in two subsets differed), einsum's are the row's own, so any subset of rows
+    # scores as the whole does and exact ties stay ties (``exact`` scores only the rows it cannot prune)
     if metric == "dot":
-        return x @ q
+        return np.einsum("ij,j->i", x, q)
     if metric == "cosine":
         qn = np.linalg.norm(q)
         xn = np.linalg.norm(x, axis=1)
         denom = qn * xn
         out = np.zeros(x.shape[0], dtype=np.float64)
         ok = denom > _EPS
-        out[ok] = (x[ok] @ q) / denom[ok]
+        out[ok] = np.einsum("ij,j->i", x[ok], q) / denom[ok]
         return out
     diff = x - q
     if metric == "euclidean":

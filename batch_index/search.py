@@ -1,6 +1,7 @@
 """Searching a loaded index in three modes.
 
-- ``exact``: brute force over the raw signals: the ground truth.
+- ``exact``: the ground truth, brute force's answer; lower bounds from the index's summaries rule out
+  most signals without reading them (``exact``).
 - ``transform``: every signal scored in its metric's reference space (see ``transform``), the best
   ``rerank`` candidates re-scored exactly on the raw signals.
 - ``hkmeans``: each shard's tree descent picks its ``n_probe`` nearest leaves; their members seed a
@@ -39,6 +40,7 @@ from threadpoolctl import ThreadpoolController
 from batch_index.block_sums import block_sums
 from batch_index.corpus import MAX_ABS_VALUE
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
+from batch_index.exact import QueryTerms, ShardBounds, pruned_top_k
 from batch_index.index_files import load_npy, read_manifest, shard_dir
 from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
 from batch_index.rescore import approx_scores, exact_scores
@@ -163,6 +165,11 @@ class _Shard:
     @cached_property
     def signal_sq_norms(self) -> F32:
         return np.square(self.norms, dtype=np.float32)
+
+    @cached_property
+    def bounds(self) -> ShardBounds:
+        """What exact mode prunes with (built on first use), sharing the walks' codes."""
+        return ShardBounds.of(self.z, self.norms, self.l1, {n: (self.space(n), self.codes(n)) for n in self.graphs})
 
 
 def _physical_memory() -> int:
@@ -300,6 +307,7 @@ class SearchIndex:
             for name in self.manifest["spaces"]:
                 s.sq_norms(name)
                 s.codes(name)
+            s.bounds  # noqa: B018 (built now, not in the first exact query)
             for mapped in (s.signals, s.l1):
                 if mapped is not None and mapped.nbytes <= budget:
                     _prefault(mapped)
@@ -307,7 +315,8 @@ class SearchIndex:
         if self.size:  # and compile (or load from numba's cache) the kernels each metric runs
             probe = np.asarray(self.shards[0].signals[:1], dtype=np.float32)
             for metric in self.metrics:
-                self.search_arrays(probe, metric, "hkmeans", 1, SearchParams(n_probe=1, ef=4, rerank=4))
+                for mode in ("hkmeans", "exact"):
+                    self.search_arrays(probe, metric, mode, 1, SearchParams(n_probe=1, ef=4, rerank=4))
         return self
 
     # ---- what callers check against -------------------------------------------------------------
@@ -419,9 +428,15 @@ class SearchIndex:
         compiled call over a whole slice that releases the GIL, so one process can use each core it
         was given (a server answering a burst in its own process; Spark tasks keep 1, one per core).
         """
-        if mode == "exact":
-            return self._exact(q, metric, k)
         kk = min(k, self.size)
+        if mode == "exact":
+            with _blas_controller().limit(limits=1, user_api="blas"):
+                slices = _slices(len(q), threads)
+                if len(slices) == 1:
+                    return self._exact(q, metric, k)
+                parts = [f.result() for f in [_thread_pool(len(slices)).submit(self._exact, q[lo:hi], metric, k)
+                                              for lo, hi in slices]]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         # many small BLAS calls per query: threads only add contention (and fight Spark's own). The
         # transform too: OpenBLAS threads left from one multi-threaded call spin for a while after it,
         # measured doubling the CPU time of every hkmeans query served outside Spark's workers
@@ -548,12 +563,22 @@ class SearchIndex:
         return [(self.shards[w], global_rows[which == w] - self.shards[w].offset) for w in np.unique(which)]
 
     def _exact(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        parts_i, parts_s = [], []
-        for s in self.shards:
-            i, sc = top_k_exact(q, s.signals, metric, k, point_sq_norms=s.signal_sq_norms)
-            parts_i.append(i + s.offset)
-            parts_s.append(sc)
-        all_i, all_s = np.hstack(parts_i), np.hstack(parts_s)
+        """Exact top-k, pruned by lower bounds (``exact``): brute force's rows without reading most signals."""
+        zq, nq = self.transform.apply(q)
+        terms = QueryTerms.of(q, zq, nq, self.l1_blocks)
+        parts = [pruned_top_k(terms, s.bounds, s.signals, metric, k)[:2] for s in self.shards]
+        return self._merge_shards(q, k, parts)
+
+    def _brute_force(self, q: F32, metric: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Exact mode before pruning (every signal read, float32 BLAS preselection): the bench's baseline."""
+        return self._merge_shards(q, k, [top_k_exact(q, s.signals, metric, k, point_sq_norms=s.signal_sq_norms)
+                                         for s in self.shards])
+
+    def _merge_shards(self, q: F32, k: int, parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]
+                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Each shard's top-k (local rows) merged into the index's, by score then lower global row."""
+        all_i = np.hstack([i + s.offset for s, (i, _) in zip(self.shards, parts)])
+        all_s = np.hstack([sc for _, sc in parts])
         kk = min(k, self.size)
         out_i = np.zeros((len(q), kk), np.int64)
         out_s = np.zeros((len(q), kk), np.float64)

@@ -1,4 +1,5 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4); ``report`` re-renders study 1.
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5), exact (6);
+``report`` re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from batch_index.errors import EcgSearchError
-from batch_index.metrics import parse_metrics
+from batch_index.metrics import METRICS, parse_metrics
 from batch_index.search import MODES
 from bench.measure import REPO
 
@@ -67,7 +68,7 @@ def _common(p: argparse.ArgumentParser, study: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from bench.recall import RecallConfig
-    from bench.systems import Sweep
+    from bench.systems import PEERS, Sweep
 
     rc, sw = RecallConfig(), Sweep()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hnsw-m", type=int, default=sw.hnsw_m)
     r.add_argument("--hnsw-ef-construction", type=int, default=sw.hnsw_ef_construction)
     r.add_argument("--no-faiss", action="store_true", help="skip FAISS (e.g. when faiss-cpu is not installed)")
+    r.add_argument("--reuse-index", action="store_true",
+                   help="search our index an earlier run left in --workdir instead of building it again")
+    r.add_argument("--peers", default=",".join(PEERS),
+                   help="peer systems (bench.peers) to build, comma-separated, '' for none (default %(default)s)")
     r.add_argument("--cells", type=_cells, default=rc.cells,
                    help="timed (threads:style) cells; the first is the primary (default 1:single,1:batch,2:batch)")
     r.add_argument("--repeats", type=int, default=rc.repeats, help="timed rounds; medians reported")
@@ -124,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--masters", default="local[1],local[2]")
     d.add_argument("--partitions", type=int, default=4, help="shards, the same for every master")
     d.add_argument("--repeats", type=int, default=2)
+
+    f = sub.add_parser("first-search", help="study 5: first search after install vs the next, with/without warm")
+    _common(f, "first-search")
+    f.add_argument("--metric", default="cosine")
+    f.add_argument("--mode", default="hkmeans", choices=MODES)
+    f.add_argument("--repeats", type=int, default=1)
+    f.add_argument("--wfdb-dir", type=Path,
+                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+
+    x = sub.add_parser("exact", help="study 6: exact mode (lower-bound pruning) vs brute force, 1 thread")
+    _common(x, "exact")
+    x.add_argument("--n", type=int, default=100_000, help="synthetic corpus size (default %(default)s)")
+    x.add_argument("--queries", type=int, default=20, help="queries per query set (default %(default)s)")
+    x.add_argument("--datasets", default="synthetic,real", help="synthetic,real (default %(default)s)")
+    x.add_argument("--metrics", default=",".join(METRICS))
+    x.add_argument("--reuse-index", action="store_true",
+                   help="search the index an earlier run left in --workdir instead of building it again")
+    x.add_argument("--wfdb-dir", type=Path,
+                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
 
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
@@ -203,6 +229,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n=args.n, masters=tuple(args.masters.split(",")), partitions=args.partitions, repeats=args.repeats,
                 seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
             return 0
+        if args.study == "first-search":
+            from bench import first_search
+
+            path = first_search.run(first_search.FirstSearchConfig(
+                wfdb_dir=args.wfdb_dir, metric=args.metric, mode=args.mode, repeats=args.repeats,
+                workdir=args.workdir, out=args.out), _command(argv))
+            print(f"study 5 report: {path}")
+            return 0
+        if args.study == "exact":
+            from bench import exact_study
+
+            path = exact_study.run(exact_study.ExactConfig(
+                wfdb_dir=args.wfdb_dir, n=args.n, n_queries=args.queries,
+                datasets=tuple(t for t in args.datasets.split(",") if t), metrics=parse_metrics(args.metrics),
+                reuse_index=args.reuse_index, seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            print(f"study 6 report: {path}")
+            return 0
         if args.study == "report":
             from bench.report import rerender_recall
 
@@ -233,13 +276,19 @@ def _recall(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         parser.error(f"real records not found in {args.wfdb_dir} (set --wfdb-dir or {ENV_WFDB_DIR})")
     if args.n < 100 or args.queries < 1 or args.repeats < 1:
         parser.error("need --n >= 100, --queries >= 1, --repeats >= 1")
+    from bench.systems import PEERS as KNOWN_PEERS
+
+    peers = tuple(p for p in args.peers.split(",") if p)
+    if set(peers) - set(KNOWN_PEERS):
+        parser.error(f"--peers takes {','.join(KNOWN_PEERS)}; got {args.peers!r}")
     sweep = Sweep(ef=args.ef, n_probe=args.n_probe, hk_rerank=args.hk_rerank, rerank=args.rerank,
                   ivf_nprobe=args.ivf_nprobe,
                   ivf_nlist=args.ivf_nlist, hnsw_ef=args.hnsw_ef, hnsw_m=args.hnsw_m,
                   hnsw_ef_construction=args.hnsw_ef_construction)
     cfg = RecallConfig(n=args.n, n_queries=args.queries, datasets=kinds, metrics=parse_metrics(args.metrics),
                        sweep=sweep, cells=args.cells, repeats=args.repeats, min_time=args.min_time,
-                       target=args.target, margin=args.margin, faiss=not args.no_faiss, seed=args.seed,
+                       target=args.target, margin=args.margin, faiss=not args.no_faiss, peers=peers,
+                       reuse_index=args.reuse_index, seed=args.seed,
                        stride_s=args.stride, wfdb_dir=args.wfdb_dir, workdir=args.workdir, out=args.out)
     path = run(cfg, _command(argv))
     print(f"study 1 report: {path}")

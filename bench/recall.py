@@ -25,7 +25,8 @@ from batch_index.search import SearchIndex
 from bench import report
 from bench.data import Dataset, Perturb, real_records, synthetic
 from bench.measure import SearchFn, capped_threads, found_scores, machine_info, median_qps, recall_at_k, time_pass
-from bench.systems import Config, Sweep, faiss_systems, numpy_brute, ours
+from bench.peers import PeerSweep, peer_systems
+from bench.systems import PEERS, Config, Sweep, faiss_systems, numpy_brute, ours
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class RecallConfig:
     target: float = 0.95
     margin: float = 0.02
     faiss: bool = True
+    reuse_index: bool = False
+    peers: tuple[str, ...] = PEERS
+    peer_sweep: PeerSweep = field(default_factory=PeerSweep)
     seed: int = 0
     stride_s: float = 0.5
     wfdb_dir: Path = Path("../shared/data/wfdb")
@@ -111,12 +115,18 @@ def evaluate(ds: Dataset, metric: str, configs: list[Config], cfg: RecallConfig)
 
 def run_dataset(ds: Dataset, cfg: RecallConfig) -> list[dict[str, Any]]:
     index_dir = cfg.workdir / f"index-{ds.name}"
-    with capped_threads(cfg.build_threads):
-        t0 = time.perf_counter()
-        build_index(ds.ids, ds.corpus, index_dir, BuildConfig(seed=cfg.seed), overwrite=True)
-        build_s = time.perf_counter() - t0
-    logger.info("%s: our index (all four metrics) built in %.1f s", ds.name, build_s)
+    if cfg.reuse_index and (index_dir / "manifest.json").is_file():
+        build_s = float("nan")  # built by an earlier run: its time is in that run's report
+        logger.info("%s: reusing our index in %s", ds.name, index_dir)
+    else:
+        with capped_threads(cfg.build_threads):
+            t0 = time.perf_counter()
+            build_index(ds.ids, ds.corpus, index_dir, BuildConfig(seed=cfg.seed), overwrite=True)
+            build_s = time.perf_counter() - t0
+        logger.info("%s: our index (all four metrics) built in %.1f s", ds.name, build_s)
     index = SearchIndex.load(index_dir)
+    if index.size != len(ds.corpus):
+        raise ValueError(f"{index_dir} holds {index.size} signals, not the {len(ds.corpus)} of {ds.name}")
     rows = []
     for metric in cfg.metrics:
         t0 = time.perf_counter()
@@ -124,6 +134,9 @@ def run_dataset(ds: Dataset, cfg: RecallConfig) -> list[dict[str, Any]]:
         if cfg.faiss:
             with capped_threads(cfg.build_threads):
                 configs += faiss_systems(ds.corpus, metric, cfg.k, cfg.sweep, cfg.seed)
+        if cfg.peers:
+            with capped_threads(cfg.build_threads):
+                configs += peer_systems(ds.corpus, metric, cfg.k, cfg.peer_sweep, cfg.peers, cfg.seed)
         rows += evaluate(ds, metric, configs, cfg)
         logger.info("%s %s: %d configurations done in %.0f s", ds.name, metric, len(configs),
                     time.perf_counter() - t0)

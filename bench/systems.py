@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 OURS = ("exact", "transform", "hkmeans", "hkmeans-default")
 FAISS = ("faiss-flat", "faiss-ivf", "faiss-hnsw")
-SYSTEMS = (*OURS, "numpy", *FAISS)
+PEERS = ("faiss-pca-hnsw", "faiss-pca-ivf-sq8", "scann", "usearch", "hnswlib")  # built in bench.peers
+SYSTEMS = (*OURS, "numpy", *FAISS, *PEERS)
 FAISS_METRIC = {"cosine": "inner product on normalised rows", "euclidean": "L2", "manhattan": "L1",
                 "dot": "inner product"}
 

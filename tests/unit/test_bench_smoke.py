@@ -12,9 +12,12 @@ from bench import distributed, e2e, recall, report, scaling
 from bench.cli import build_parser, main
 from bench.data import Perturb, real_records, synthetic
 from bench.measure import recall_at_k
-from bench.systems import Sweep
+from bench.peers import PeerSweep
+from bench.systems import PEERS, Sweep
 
 TINY_SWEEP = Sweep(ef=(16, 64), n_probe=(1,), rerank=(16, 64), ivf_nprobe=(1, 4), hnsw_ef=(16, 64), hnsw_m=8)
+TINY_PEERS = PeerSweep(pca_dims=(32,), hnsw_ef=(16, 64), k_factor=(4,), ivf_nprobe=(8,), scann_leaves=(4,),
+                       scann_reorder=(50,), graph_ef=(16, 64), graph_m=8, ef_construction=32)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -77,18 +80,23 @@ def test_cli_parses_and_rejects():
 # ---- each study end to end, tiny ------------------------------------------------------------------------
 def test_recall_study_writes_csv_markdown_and_plots(tmp_path):
     cfg = recall.RecallConfig(n=300, n_queries=6, datasets=("synthetic",), metrics=("euclidean", "manhattan"),
-                              sweep=TINY_SWEEP, repeats=1, min_time=0.001, workdir=tmp_path / "w",
-                              out=tmp_path / "out")
+                              sweep=TINY_SWEEP, peer_sweep=TINY_PEERS, repeats=1, min_time=0.001,
+                              workdir=tmp_path / "w", out=tmp_path / "out")
     path = recall.run(cfg, "pytest")
     rows = read_csv(tmp_path / "out" / "results.csv")
     systems = {r["system"] for r in rows}
     assert {"exact", "transform", "hkmeans", "numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw"} <= systems
+    # every peer answers euclidean; none of them but FAISS's flat/IVF/HNSW has L1
+    assert set(PEERS) <= {r["system"] for r in rows if r["metric"] == "euclidean"}
+    assert not set(PEERS) & {r["system"] for r in rows if r["metric"] == "manhattan"}
+    best_peer = max(float(r["recall"]) for r in rows if r["system"] in PEERS)
+    assert best_peer > 0.9  # they are built and searched right, not just listed
     for r in rows:
         if r["system"] in ("exact", "numpy", "faiss-flat"):
             assert float(r["recall"]) == pytest.approx(1.0), r
         assert float(r["qps_1t_single"]) > 0
     text = path.read_text()
-    assert "Recommended hkmeans defaults" in text and "Pareto frontier" in text
+    assert "Recommended hkmeans defaults" in text and "Pareto frontier" in text and "best peer" in text
     assert (tmp_path / "out" / "synthetic-300-qps_1t_single.png").stat().st_size > 1000
 
 
