@@ -24,6 +24,8 @@ Files per shard (float32, checksummed like the rest): ``shape-features.npy`` (n,
 from __future__ import annotations
 
 import heapq
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,6 +50,8 @@ from batch_index.shape import (
 from batch_index.transform import ReferenceTransform
 from batch_index.tree import KMeansTree, build_tree
 from batch_index.walk import ScalarCodes, VisitStamps, walk_many
+
+logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -118,17 +122,27 @@ def build_shape_spaces(signals: F32, z: F32, transform: ReferenceTransform, metr
     graphs: dict[str, npt.NDArray[np.int32]] = {}
     extra: dict[str, F32] = {}
     points: dict[str, F32] = {}
+    took: dict[str, float] = {}
+    t0 = time.perf_counter()
     if "shape" in metrics:
         feats = shard_features(signals, fft_length(signals.shape[1], max_lag), bins)
         basis = fit_feature_basis(feats, rank, seed)
         extra["shape-features"], extra["shape-basis"] = feats, basis
         points["shape"] = _apply(basis, feats)
+        took["shape/points"] = time.perf_counter() - t0
     if "zeuclidean" in metrics:
+        t0 = time.perf_counter()
         extra["zstats"] = signal_stats(signals)
         points["zeuclidean"] = centred_coordinates(z, extra["zstats"], transform.basis)
+        took["zeuclidean/points"] = time.perf_counter() - t0
     for space, pts in points.items():
+        t0 = time.perf_counter()
         trees[space] = build_tree(pts, seed=seed, **tree_args).to_bytes()
+        took[f"{space}/tree"] = time.perf_counter() - t0
         graphs[space] = build_graph(pts, seed=seed, **graph_args)
+        took[f"{space}/graph"] = time.perf_counter() - t0 - took[f"{space}/tree"]
+    logger.info("shape spaces of %d signals built: %s", len(signals),
+                ", ".join(f"{key} {v:.1f} s" for key, v in took.items()), extra={"shape_timings": took})
     return trees, graphs, extra
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4); ``report`` re-renders study 1.
+"""``python -m bench``: recall (1), scaling (2), e2e (3), distributed (4), shape (5), ucr; ``report`` re-renders 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -125,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--partitions", type=int, default=4, help="shards, the same for every master")
     d.add_argument("--repeats", type=int, default=2)
 
+    sh = sub.add_parser("shape", help="study 5: shape metrics: shifted copies, recall vs q/s, build cost")
+    _common(sh, "shape")
+    sh.add_argument("--n", type=_size, default=100_000, help="synthetic corpus size (default %(default)s)")
+    sh.add_argument("--queries", type=int, default=100, help="queries per query set (default %(default)s)")
+    sh.add_argument("--ef", type=_ints, default=(128, 256, 512), help="hkmeans ef sweep")
+    sh.add_argument("--rerank", type=_ints, default=(64, 128, 256), help="hkmeans re-rank sweep")
+    sh.add_argument("--wfdb-dir", type=Path,
+                    default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                    help=f"the shared WFDB records (env {ENV_WFDB_DIR})")
+    u = sub.add_parser("ucr", help="1-NN error of euclidean, zeuclidean and shape on UCR ECG sets (TSV layout)")
+    u.add_argument("--ucr-dir", type=Path, required=True, help="folder holding <Name>/<Name>_TRAIN.tsv and _TEST.tsv")
+    u.add_argument("--datasets", default="ECG200,ECG5000,ECGFiveDays,TwoLeadECG")
+    u.add_argument("--max-lag-fraction", type=float, default=None,
+                   help="shape lag bound as a fraction of the series length (default: the index default, 0.15)")
+    u.add_argument("--out", type=Path, default=RESULTS / "shape", help="results folder (default %(default)s)")
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
 
@@ -202,6 +217,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.run(distributed.DistributedConfig(
                 n=args.n, masters=tuple(args.masters.split(",")), partitions=args.partitions, repeats=args.repeats,
                 seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
+            return 0
+        if args.study == "shape":
+            from bench import shape
+
+            cfg = shape.ShapeConfig(n=args.n, n_queries=args.queries, efs=args.ef, reranks=args.rerank,
+                                    wfdb_dir=args.wfdb_dir, seed=args.seed, workdir=args.workdir, out=args.out)
+            print(f"study 5 report: {shape.run(cfg, _command(argv))}")
+            return 0
+        if args.study == "ucr":
+            from bench import shape
+
+            names = tuple(t.strip() for t in args.datasets.split(",") if t.strip())
+            if not args.ucr_dir.is_dir():
+                parser.error(f"--ucr-dir {args.ucr_dir} is not a folder")
+            print(f"UCR report: {shape.run_ucr(args.ucr_dir, names, args.out, _command(argv), args.max_lag_fraction)}")
             return 0
         if args.study == "report":
             from bench.report import rerender_recall
