@@ -60,14 +60,14 @@ def check_max_lag(max_lag: int, length: int) -> int:
 
 def znormalise(x: npt.ArrayLike, dtype: type = np.float64) -> npt.NDArray:
     """Rows centred and scaled to unit norm (so a dot product is a Pearson correlation); flat rows -> 0."""
-    a = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    a = np.atleast_2d(np.asarray(x, dtype=dtype))  # float32: candidates' first pass, float64: reported scores
     c = a - a.mean(axis=1, keepdims=True)
     norm = np.sqrt(np.einsum("ij,ij->i", c, c))
     scale = np.abs(a).max(axis=1, initial=0.0) * np.sqrt(a.shape[1])
     flat = norm <= np.maximum(FLAT_RTOL * scale, _TINY)
-    out = c / np.where(flat, 1.0, norm)[:, None]
-    out[flat] = 0.0
-    return out.astype(dtype, copy=False)
+    c /= np.where(flat, 1.0, norm)[:, None]
+    c[flat] = 0.0
+    return c
 
 
 def fft_length(length: int, max_lag: int) -> int:

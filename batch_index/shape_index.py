@@ -37,6 +37,7 @@ from batch_index.errors import IndexFormatError
 from batch_index.graph import build_graph
 from batch_index.index_files import load_npy
 from batch_index.metrics import RESCORE_MARGIN
+from batch_index.rescore import approx_scores
 from batch_index.shape import (
     SHAPE_METRICS,
     best_lags,
@@ -287,8 +288,28 @@ class ShapeSpaces:
         qz = znormalise(query, np.float32)[0]
         return -np.sqrt(np.maximum(2.0 - 2.0 * (znormalise(x, np.float32) @ qz), 0.0)), np.zeros(len(rows), np.int64)
 
+    def _pearson_preselect(self, q: F32, cand: I64, keep: int) -> I64:
+        """The ``keep`` candidates per row of highest float32 Pearson correlation ``<zq, x> / |x - mean|``.
+
+        ``zq`` has zero mean, so the raw rows need no centring: the compiled in-place dot kernel of the
+        other metrics (``rescore``) scores them where they lie in the memory map.
+        """
+        qz = znormalise(q, np.float32)
+        score = np.full(cand.shape, -np.inf, np.float32)
+        for s in self.shards:
+            assert s.stats is not None
+            mine = (cand >= s.offset) & (cand < s.offset + len(s.signals))
+            local = np.where(mine, cand - s.offset, -1)
+            dots = approx_scores(qz, s.signals, local, s.stats[:, 1], "dot")
+            cn = s.stats[:, 1][np.maximum(local, 0)]
+            score = np.where(mine, dots / np.where(cn > 0, cn, np.inf), score)
+        best = np.argpartition(-score, keep - 1, axis=1)[:, :keep]
+        return np.where(np.take_along_axis(score, best, 1) > -np.inf, np.take_along_axis(cand, best, 1), -1)
+
     def _rerank(self, q: F32, cand: I64, metric: str, k: int) -> tuple[I64, npt.NDArray[np.float64]]:
-        """float32 NCC (or centred distance) over every candidate, float64 over the best ``k + margin``."""
+        """float32 NCC (or correlation) over every candidate, float64 over the best ``k + margin``."""
+        if metric == "zeuclidean" and cand.shape[1] > k + RESCORE_MARGIN:
+            cand = self._pearson_preselect(q, cand, k + RESCORE_MARGIN)
         out_i = np.full((len(q), k), -1, np.int64)
         out_s = np.full((len(q), k), -np.inf)
         for i, row in enumerate(cand):

@@ -126,10 +126,11 @@ def _recall(got: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(got, truth)]))
 
 
-def recall_curves(index: SearchIndex, queries: dict[str, F32], cfg: ShapeConfig) -> list[dict[str, Any]]:
+def recall_curves(index: SearchIndex, queries: dict[str, F32], cfg: ShapeConfig,
+                  metrics: tuple[str, ...] = ("shape", "zeuclidean")) -> list[dict[str, Any]]:
     rows = []
     with capped_threads(1):
-        for metric in ("shape", "zeuclidean"):
+        for metric in metrics:
             for qname, q in queries.items():
                 t0 = time.perf_counter()
                 truth, _ = index.search_arrays(q, metric, "exact", cfg.k, SearchParams.for_metric(metric))

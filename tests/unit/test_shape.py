@@ -191,3 +191,17 @@ def test_old_indexes_without_shape_spaces_still_load(ecg: np.ndarray, tmp_path: 
     assert idx.search(ecg[:1], "cosine", "hkmeans", k=1)[0][0].id == "w0"
     with pytest.raises(InvalidInputError, match="not in this index"):
         idx.search(ecg[:1], "shape", "exact", k=1)
+
+
+def test_send_one_plot_overlays_shape_matches_at_their_best_lag(shape_index: SearchIndex, ecg: np.ndarray,
+                                                                 tmp_path: Path) -> None:
+    from streaming.cli import plot_matches
+
+    long = np.concatenate([ecg[7], ecg[8]])
+    q = long[40:540]
+    matches = [(m.id, m.score, m.rank) for m in shape_index.search(q, "shape", "exact", k=3)[0]]
+    assert matches[0][0] == "w7"
+    out = tmp_path / "plot.png"
+    plot_matches(out, "q", q, matches, shape_index.path, metric="shape")
+    assert out.stat().st_size > 10_000
+    assert shape_scores(q, ecg[7:8], shape_index.shape_max_lag)[1][0] == -40  # q[t] = w7[t + 40]: shift w7 left
