@@ -447,13 +447,15 @@ class SearchIndex:
     def _shape_search(self, q: F32, metric: str, mode: str, k: int, params: SearchParams, threads: int
                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         def run(part: F32) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-            with _blas_controller().limit(limits=1, user_api="blas"):
-                return self.shape.search(part, metric, mode, k, params.ef, params.rerank, params.n_probe, params.route)
+            return self.shape.search(part, metric, mode, k, params.ef, params.rerank, params.n_probe, params.route)
 
-        slices = _slices(len(q), threads)
-        if len(slices) == 1:
-            return run(q)
-        parts = [f.result() for f in [_thread_pool(len(slices)).submit(run, q[lo:hi]) for lo, hi in slices]]
+        # one limit, entered here: limits entered in each worker restore each other's "previous" value
+        # out of order (seen in tests: a later build in the same process wrote different trees)
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            slices = _slices(len(q), threads)
+            if len(slices) == 1:
+                return run(q)
+            parts = [f.result() for f in [_thread_pool(len(slices)).submit(run, q[lo:hi]) for lo, hi in slices]]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     @property
