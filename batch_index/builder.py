@@ -33,7 +33,10 @@ from batch_index.index_files import (
     write_manifest,
     write_shard_arrays,
 )
-from batch_index.metrics import METRICS, parse_metrics
+from batch_index.metrics import DEFAULT_METRICS, parse_metrics
+from batch_index.shape import check_max_lag, default_max_lag, fft_length
+from batch_index.shape_index import build_shape_spaces
+from batch_index.shape_index import spaces_of as shape_spaces_of
 from batch_index.transform import (
     REFERENCE_METHODS,
     ReferenceTransform,
@@ -52,7 +55,7 @@ SHARD_ROWS = 131_072  # default signals per shard when a Spark build is not told
 class BuildConfig:
     """Index parameters; the CLI's ``build`` flags mirror these fields one to one."""
 
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     n_references: int = 1024
     reference_method: str = "sample"
     reference_sample: int = 8192
@@ -64,6 +67,9 @@ class BuildConfig:
     graph_degree: int = 16
     graph_cluster_size: int = 4096
     l1_blocks: int = DEFAULT_L1_BLOCKS
+    shape_max_lag: int | None = None
+    shape_bins: int = 512
+    shape_rank: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +84,11 @@ class BuildConfig:
             raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
         if self.l1_blocks < 0:
             raise InvalidInputError(f"l1_blocks must be >= 0 (0: none), got {self.l1_blocks}")
+        if (self.shape_max_lag is not None and (isinstance(self.shape_max_lag, bool) or self.shape_max_lag < 0)
+                ) or self.shape_bins < 1 or self.shape_rank < 1:
+            raise InvalidInputError("shape_max_lag >= 0 (samples; None: 15% of the signal length), shape_bins >= 1 "
+                                    f"and shape_rank >= 1 are required; got {self.shape_max_lag}, "
+                                    f"{self.shape_bins} and {self.shape_rank}")
         if self.graph_degree < 1 or self.graph_cluster_size < 2:
             raise InvalidInputError("graph_degree >= 1 and graph_cluster_size >= 2 are required; got "
                                     f"{self.graph_degree} and {self.graph_cluster_size}")
@@ -90,6 +101,11 @@ class BuildConfig:
 def uses_l1_blocks(cfg: BuildConfig) -> bool:
     """Whether shards keep block sums (see :mod:`batch_index.block_sums`): only manhattan reads them."""
     return cfg.l1_blocks > 0 and "manhattan" in cfg.metrics
+
+
+def shape_max_lag(cfg: BuildConfig, dim: int) -> int:
+    """The ``shape`` lag bound in samples for signals of ``dim`` samples (checked against ``dim``)."""
+    return check_max_lag(default_max_lag(dim) if cfg.shape_max_lag is None else cfg.shape_max_lag, dim)
 
 
 def fit_transform(sample: npt.NDArray[np.float32], cfg: BuildConfig) -> ReferenceTransform:
@@ -128,6 +144,18 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
                                          seed=shard_seed(cfg.seed, shard),
                                          inner_product_cols=z.shape[1] if space == "dot" else 0)
     extra = {"l1-blocks": block_sums(signals, cfg.l1_blocks)} if uses_l1_blocks(cfg) else {}
+    if shape_spaces_of(cfg.metrics):
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            more_trees, more_graphs, more = build_shape_spaces(
+                signals, z, transform, cfg.metrics, max_lag=shape_max_lag(cfg, signals.shape[1]),
+                bins=cfg.shape_bins, rank=cfg.shape_rank, seed=shard_seed(cfg.seed, shard),
+                tree_args={"branching": cfg.branching, "leaf_size": cfg.leaf_size, "max_depth": cfg.max_depth,
+                           "kmeans": cfg.kmeans},
+                graph_args={"degree": cfg.graph_degree, "cluster_size": cfg.graph_cluster_size})
+        trees.update(more_trees)
+        graphs.update(more_graphs)
+        extra.update(more)
     info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs, extra)
     logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
                 time.perf_counter() - t0)
@@ -166,9 +194,20 @@ def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[Sh
         "l1_blocks": len(block_starts(dim, cfg.l1_blocks)) if uses_l1_blocks(cfg) else 0,  # as block_sums cuts
         "shards": shard_rows,
         "files": files,
+        **_shape_manifest(cfg, dim),
         **(extra or {}),
     }
     return write_manifest(index_dir, manifest)
+
+
+def _shape_manifest(cfg: BuildConfig, dim: int) -> dict[str, Any]:
+    """Manifest fields of the shape spaces (none when the index serves neither shape metric)."""
+    spaces = shape_spaces_of(cfg.metrics)
+    if not spaces:
+        return {}
+    lag = shape_max_lag(cfg, dim)
+    return {"shape_spaces": list(spaces), "shape_max_lag": lag, "shape_bins": cfg.shape_bins,
+            "shape_nfft": fft_length(dim, lag)}
 
 
 def prepare_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -196,6 +235,7 @@ def build_index(ids: list[str], signals: npt.ArrayLike, out_dir: str | Path, cfg
                                 "contains NaN or infinite values")
     if len(set(ids)) != len(ids):
         raise InvalidInputError("ids must be unique")
+    shape_max_lag(cfg, x.shape[1])
     out = prepare_output(out_dir, overwrite=overwrite)
     rng = np.random.default_rng(cfg.seed)
     sample_rows = np.sort(rng.choice(x.shape[0], size=min(cfg.reference_sample, x.shape[0]), replace=False))

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from batch_index.builder import SHARD_ROWS, BuildConfig
 from batch_index.errors import EcgSearchError, InvalidInputError
-from batch_index.metrics import METRICS
+from batch_index.metrics import DEFAULT_METRICS, METRICS
 from batch_index.search import DEFAULT_PARAMS, MODES, SearchParams
 
 logger = logging.getLogger("batch_index")
@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build an index directory from a Parquet corpus with Spark")
     b.add_argument("--input", required=True, help="corpus Parquet file or directory (columns id, signal)")
     b.add_argument("--output", required=True, help="index directory to create")
-    b.add_argument("--metrics", default=",".join(METRICS), help="comma-separated (default: all four)")
+    b.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, of {','.join(METRICS)} (default: the four raw-sample metrics, "
+                        "%(default)s)")
     b.add_argument("--n-references", type=_positive_int, default=_BUILD_DEFAULTS.n_references,
                    help="real reference signals (default %(default)s)")
     b.add_argument("--reference-method", choices=("sample", "kmeans", "farthest"),
@@ -119,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--l1-blocks", type=_non_negative_int, default=_BUILD_DEFAULTS.l1_blocks,
                    help="block sums kept per signal to order manhattan candidates (a lower bound of L1); "
                         "0 = none (default %(default)s; only written when the index serves manhattan)")
+    b.add_argument("--shape-max-lag", type=_non_negative_int, default=None,
+                   help="shape: largest shift compared, in samples (default: 15%% of the signal length, "
+                        "375 = 1.5 s of a 10-s window at 250 Hz)")
+    b.add_argument("--shape-bins", type=_positive_int, default=_BUILD_DEFAULTS.shape_bins,
+                   help="shape: spectrum magnitudes kept as features, the rest summed into one "
+                        "(default %(default)s: 44 Hz of a 10-s window at 250 Hz)")
+    b.add_argument("--shape-rank", type=_positive_int, default=_BUILD_DEFAULTS.shape_rank,
+                   help="shape: PCA dimensions of the features the graph is walked in (default %(default)s)")
     b.add_argument("--seed", type=int, default=_BUILD_DEFAULTS.seed)
     b.add_argument("--sampling-rate", type=float, default=None, help="Hz, recorded in the manifest")
     b.add_argument("--engine", choices=("spark", "local"), default="spark",
@@ -214,7 +224,9 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
                        reference_sample=args.reference_sample, basis_rank=args.basis_rank,
                        branching=args.branching, leaf_size=args.leaf_size, max_depth=args.max_depth,
                        kmeans=args.kmeans, graph_degree=args.graph_degree,
-                       graph_cluster_size=args.graph_cluster_size, l1_blocks=args.l1_blocks, seed=args.seed)
+                       graph_cluster_size=args.graph_cluster_size, l1_blocks=args.l1_blocks,
+                       shape_max_lag=args.shape_max_lag, shape_bins=args.shape_bins, shape_rank=args.shape_rank,
+                       seed=args.seed)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

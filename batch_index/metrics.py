@@ -4,6 +4,9 @@
 - euclidean: 1 / (1 + |q - x|_2)
 - manhattan: 1 / (1 + |q - x|_1)
 - dot:       <q, x>
+- shape:     max over lags |l| <= max_lag of the normalised cross-correlation of the z-normalised
+             signals, in [-1, 1] (shift-, gain- and baseline-invariant; see ``batch_index.shape``)
+- zeuclidean: 1 / (1 + |zq - zx|_2) on z-normalised signals (gain- and baseline-invariant)
 
 Exact scores are computed on differences (not |q|^2 + |x|^2 - 2<q, x>) so near-duplicates keep full
 precision; the BLAS shortcut is only used to *preselect* candidates in :func:`top_k_exact`.
@@ -17,8 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from batch_index.errors import UnknownMetricError
+from batch_index.shape import SHAPE_METRICS, default_max_lag, shape_scores, zeuclidean_scores
 
-METRICS: Final[tuple[str, ...]] = ("cosine", "euclidean", "manhattan", "dot")
+#: every metric a query may name; an index serves those it was built for
+METRICS: Final[tuple[str, ...]] = ("cosine", "euclidean", "manhattan", "dot", *SHAPE_METRICS)
+#: what ``build`` indexes unless told otherwise: the raw-sample metrics (the shape spaces cost build time)
+DEFAULT_METRICS: Final[tuple[str, ...]] = ("cosine", "euclidean", "manhattan", "dot")
 _EPS: Final[float] = 1e-12
 #: candidates beyond k that a float32 preselection passes on to float64 rescoring
 RESCORE_MARGIN: Final[int] = 32
@@ -45,13 +52,14 @@ def parse_metrics(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
-def scores(query: npt.ArrayLike, points: npt.ArrayLike, metric: str) -> F64:
+def scores(query: npt.ArrayLike, points: npt.ArrayLike, metric: str, *, max_lag: int | None = None) -> F64:
     """Exact similarity of one query to many points.
 
     Parameters
     ----------
     query : array of shape (d,)
     points : array of shape (n, d)
+    max_lag : ``shape`` only: the lag bound in samples (default: 15% of d, as an index's default)
 
     Returns
     -------
@@ -65,6 +73,10 @@ def scores(query: npt.ArrayLike, points: npt.ArrayLike, metric: str) -> F64:
     # scores as the whole does and exact ties stay ties (``exact`` scores only the rows it cannot prune)
     if metric == "dot":
         return np.einsum("ij,j->i", x, q)
+    if metric == "shape":
+        return shape_scores(q, x, default_max_lag(q.shape[-1]) if max_lag is None else max_lag)[0]
+    if metric == "zeuclidean":
+        return zeuclidean_scores(q, x)
     if metric == "cosine":
         qn = np.linalg.norm(q)
         xn = np.linalg.norm(x, axis=1)
@@ -154,6 +166,8 @@ def top_k_exact(
     (indices, scores): arrays of shape (n_queries, min(k, n)); rows best first.
     """
     check_metric(metric)
+    if metric in SHAPE_METRICS:  # no BLAS shortcut: score every point (an index's exact mode prunes)
+        margin = len(points)
     q32 = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(points)
     keep = min(n, k + margin)
@@ -161,7 +175,8 @@ def top_k_exact(
     for start in range(0, n, block):
         chunk = np.asarray(points[start : start + block], dtype=np.float32)
         norms = None if point_sq_norms is None else np.asarray(point_sq_norms[start : start + block])
-        approx = _fast_scores(q32, chunk, metric, norms)
+        approx = (np.zeros((len(q32), len(chunk)), np.float32) if metric in SHAPE_METRICS
+                  else _fast_scores(q32, chunk, metric, norms))
         kk = min(keep, chunk.shape[0])
         part = np.argpartition(-approx, kk - 1, axis=1)[:, :kk] if kk < chunk.shape[0] else (
             np.broadcast_to(np.arange(chunk.shape[0]), approx.shape))

@@ -23,7 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_index.builder import SHARD_ROWS, BuildConfig, build_shard, finish_index, fit_transform, prepare_output
+from batch_index.builder import (
+    SHARD_ROWS,
+    BuildConfig,
+    build_shard,
+    finish_index,
+    fit_transform,
+    prepare_output,
+    shape_max_lag,
+)
 from batch_index.corpus import ID_COL, LABEL_COL, SIGNAL_COL, signals_from_arrow
 from batch_index.errors import InvalidInputError
 from batch_index.index_files import ShardInfo, shard_dir
@@ -252,6 +260,7 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
     except Exception as e:  # AnalysisException: path missing or not Parquet
         raise InvalidInputError(f"cannot read corpus {str(input_path)!r}: {str(e).splitlines()[0]}") from e
     dim, total, sample = _check_corpus(df, str(input_path), cfg.reference_sample, cfg.seed)
+    shape_max_lag(cfg, dim)  # a lag bound too long for these signals fails here, not on an executor
     out = prepare_output(output, overwrite=overwrite).resolve()
     has_label = LABEL_COL in df.columns
     df = df.select(ID_COL, *([LABEL_COL] if has_label else []), SIGNAL_COL)

@@ -39,8 +39,9 @@ SPACE_OF_METRIC: Final[dict[str, str]] = {
 
 
 def spaces_for(metrics: tuple[str, ...]) -> tuple[str, ...]:
-    """The distinct spaces (and so trees per shard) that an index for ``metrics`` needs."""
-    return tuple(dict.fromkeys(SPACE_OF_METRIC[check_metric(m)] for m in metrics))
+    """The distinct reference spaces (and so trees per shard) that an index for ``metrics`` needs; the
+    shape metrics have spaces of their own (``shape_index``)."""
+    return tuple(dict.fromkeys(SPACE_OF_METRIC[m] for m in metrics if check_metric(m) in SPACE_OF_METRIC))
 
 
 def choose_references(sample: F32, n_references: int, method: str = "kmeans", seed: int = 0

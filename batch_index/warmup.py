@@ -25,8 +25,8 @@ from batch_index.search import MODES, SearchIndex, SearchParams
 from batch_index.synth import SynthConfig, generate
 
 #: small enough to build in about a second, large enough for a tree with inner nodes and a real walk
-_TINY = BuildConfig(n_references=64, reference_sample=256, basis_rank=32, leaf_size=16, branching=4,
-                    graph_degree=8, l1_blocks=25)
+_TINY = BuildConfig(metrics=METRICS, n_references=64, reference_sample=256, basis_rank=32, leaf_size=16,
+                    branching=4, graph_degree=8, l1_blocks=25)
 _SYNTH = SynthConfig(sampling_rate=25.0, duration_s=10.0, seed=3)
 
 
@@ -55,7 +55,7 @@ def warm_kernels(n: int = 400) -> WarmReport:
     queries = generate(n, 9, _SYNTH)[2]
     with tempfile.TemporaryDirectory(prefix="ecg-warm-") as tmp:
         index = SearchIndex.load(build_index(ids, x, Path(tmp) / "v", _TINY)).warm()
-        for metric in METRICS:
+        for metric in index.metrics:
             params = SearchParams.for_metric(metric, ef=32, rerank=16)
             for mode in MODES:
                 for batch in (queries[:1], queries):  # one query, and a batch (a different path for some stages)

@@ -1,5 +1,5 @@
-"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5), exact (6);
-``report`` re-renders study 1.
+"""``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5), exact (6),
+shape (7), ucr; ``report`` re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from batch_index.errors import EcgSearchError
-from batch_index.metrics import METRICS, parse_metrics
+from batch_index.metrics import DEFAULT_METRICS, parse_metrics
 from batch_index.search import MODES
 from bench.measure import REPO
 
@@ -144,13 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n", type=int, default=100_000, help="synthetic corpus size (default %(default)s)")
     x.add_argument("--queries", type=int, default=20, help="queries per query set (default %(default)s)")
     x.add_argument("--datasets", default="synthetic,real", help="synthetic,real (default %(default)s)")
-    x.add_argument("--metrics", default=",".join(METRICS))
+    x.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     x.add_argument("--reuse-index", action="store_true",
                    help="search the index an earlier run left in --workdir instead of building it again")
     x.add_argument("--wfdb-dir", type=Path,
                    default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
                    help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
 
+    sh = sub.add_parser("shape", help="study 7: shape metrics: shifted copies, recall vs q/s, build cost")
+    _common(sh, "shape")
+    sh.add_argument("--n", type=_size, default=100_000, help="synthetic corpus size (default %(default)s)")
+    sh.add_argument("--queries", type=int, default=100, help="queries per query set (default %(default)s)")
+    sh.add_argument("--ef", type=_ints, default=(128, 256, 512), help="hkmeans ef sweep")
+    sh.add_argument("--rerank", type=_ints, default=(64, 128, 256), help="hkmeans re-rank sweep")
+    sh.add_argument("--wfdb-dir", type=Path,
+                    default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
+                    help=f"the shared WFDB records (env {ENV_WFDB_DIR})")
+    u = sub.add_parser("ucr", help="1-NN error of euclidean, zeuclidean and shape on UCR ECG sets (TSV layout)")
+    u.add_argument("--ucr-dir", type=Path, required=True, help="folder holding <Name>/<Name>_TRAIN.tsv and _TEST.tsv")
+    u.add_argument("--datasets", default="ECG200,ECG5000,ECGFiveDays,TwoLeadECG")
+    u.add_argument("--max-lag-fraction", type=float, default=None,
+                   help="shape lag bound as a fraction of the series length (default: the index default, 0.15)")
+    u.add_argument("--out", type=Path, default=RESULTS / "shape", help="results folder (default %(default)s)")
     rp = sub.add_parser("report", help="re-render study 1's README and plots from its results.csv and meta.json")
     rp.add_argument("--out", type=Path, default=RESULTS / "recall", help="study 1 results folder")
 
@@ -245,6 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 datasets=tuple(t for t in args.datasets.split(",") if t), metrics=parse_metrics(args.metrics),
                 reuse_index=args.reuse_index, seed=args.seed, workdir=args.workdir, out=args.out), _command(argv))
             print(f"study 6 report: {path}")
+            return 0
+        if args.study == "shape":
+            from bench import shape
+
+            cfg = shape.ShapeConfig(n=args.n, n_queries=args.queries, efs=args.ef, reranks=args.rerank,
+                                    wfdb_dir=args.wfdb_dir, seed=args.seed, workdir=args.workdir, out=args.out)
+            print(f"study 7 report: {shape.run(cfg, _command(argv))}")
+            return 0
+        if args.study == "ucr":
+            from bench import shape
+
+            names = tuple(t.strip() for t in args.datasets.split(",") if t.strip())
+            if not args.ucr_dir.is_dir():
+                parser.error(f"--ucr-dir {args.ucr_dir} is not a folder")
+            print(f"UCR report: {shape.run_ucr(args.ucr_dir, names, args.out, _command(argv), args.max_lag_fraction)}")
             return 0
         if args.study == "report":
             from bench.report import rerender_recall

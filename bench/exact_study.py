@@ -22,7 +22,7 @@ import numpy as np
 
 from batch_index.builder import BuildConfig, build_index
 from batch_index.exact import Z_SLACK, QueryTerms, pruned_top_k
-from batch_index.metrics import METRICS
+from batch_index.metrics import DEFAULT_METRICS
 from batch_index.search import SearchIndex, SearchParams
 from bench.data import Dataset, real_records, synthetic
 from bench.measure import capped_threads, machine_info, time_pass
@@ -39,7 +39,7 @@ class ExactConfig:
     n_queries: int = 20
     k: int = 10
     datasets: tuple[str, ...] = ("synthetic", "real")
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     reuse_index: bool = False
     seed: int = 0
     workdir: Path = Path("/tmp/ecg-bench")

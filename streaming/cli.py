@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batch_index.errors import EcgSearchError, InvalidInputError
-from batch_index.metrics import METRICS
+from batch_index.metrics import DEFAULT_METRICS, METRICS
 from batch_index.search import MODES
 from streaming.config import ServeConfig
 
@@ -290,14 +290,19 @@ def cmd_send_one(args: argparse.Namespace) -> int:
     for mid, score, rank in res.matches:
         print(f"{rank:>4}  {mid:<32} {score:>12.6f}")
     if args.plot:
-        plot_matches(args.plot, label, sample, res.matches, args.plot_index)
+        plot_matches(args.plot, label, sample, res.matches, args.plot_index, metric=args.metric)
         print(f"plot saved to {args.plot}")
     return 0
 
 
 def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
-                 matches: Sequence[tuple[str, float, int]], index_dir: Path | None, top: int = 3) -> None:
-    """Query on top, its best matches below (signals from ``index_dir`` when given)."""
+                 matches: Sequence[tuple[str, float, int]], index_dir: Path | None, top: int = 3,
+                 metric: str | None = None) -> None:
+    """Query on top, its best matches below (signals from ``index_dir`` when given).
+
+    Under ``shape`` each match is drawn over the query, both z-normalised, shifted by the lag that
+    maximised their cross-correlation (what the score compares), not at the offset it was cut at.
+    """
     try:
         import matplotlib
 
@@ -306,6 +311,7 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
     except ImportError as e:
         raise InvalidInputError("--plot needs matplotlib: pip install 'ecg-similarity[plot]'") from e
     signals: dict[str, npt.NDArray[np.float32]] = {}
+    lags: dict[str, int] = {}
     if index_dir is not None:
         from batch_index.search import SearchIndex
 
@@ -314,11 +320,25 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
         for mid, _, _ in matches[:top]:
             if mid in pos:
                 signals[mid] = np.asarray(idx._rows(np.array([pos[mid]]))[0])
+        if metric == "shape" and signals:
+            from batch_index.shape import shape_scores
+
+            _, best = shape_scores(sample, np.stack(list(signals.values())), idx.shape_max_lag or 0)
+            lags = dict(zip(signals, (int(b) for b in best)))
     shown = [m for m in matches[:top] if m[0] in signals] if signals else []
     fig, axes = plt.subplots(1 + len(shown), 1, figsize=(12, 2.2 * (1 + len(shown))), sharex=True, squeeze=False)
     axes[0, 0].plot(sample, lw=0.8, color="black")
     axes[0, 0].set_title(f"query {label}")
     for ax, (mid, score, rank) in zip(axes[1:, 0], shown):
+        if mid in lags:
+            from batch_index.shape import znormalise
+
+            t = np.arange(sample.size)
+            ax.plot(t, znormalise(sample)[0], lw=0.8, color="black", alpha=0.45, label="query")
+            ax.plot(t + lags[mid], znormalise(signals[mid])[0], lw=0.8, label=f"match shifted {lags[mid]:+d}")
+            ax.legend(loc="upper right", fontsize=7)
+            ax.set_title(f"#{rank} {mid}  score {score:.4f}  best lag {lags[mid]:+d} samples (z-normalised)")
+            continue
         ax.plot(signals[mid], lw=0.8)
         ax.set_title(f"#{rank} {mid}  score {score:.4f}")
     axes[-1, 0].set_xlabel("sample")
@@ -363,7 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       "mode and metric:")
                 sent = {}
                 for mode in MODES:
-                    for metric in METRICS:
+                    for metric in DEFAULT_METRICS:
                         row = int(rng.integers(args.size))
                         noisy = signals[row] + rng.normal(0, 0.05, signals.shape[1]).astype(np.float32)
                         sent[client.send(noisy, metric, k=args.k, mode=mode)] = (mode, metric, ids[row])

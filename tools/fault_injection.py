@@ -45,7 +45,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from batch_index.builder import BuildConfig, build_index
-from batch_index.metrics import METRICS, scores
+from batch_index.metrics import DEFAULT_METRICS as METRICS
+from batch_index.metrics import scores
 from batch_index.search import SearchIndex
 from batch_index.synth import SynthConfig, generate
 from devtools.broker import ControllableBroker

@@ -173,3 +173,31 @@ def test_restart_mid_stream_answers_every_accepted_query(
 def test_jvm_kafka_source_without_its_connector_is_a_clear_config_error(spark: object, cfg: ServeConfig) -> None:
     with pytest.raises(ConfigError, match=r"spark\.jars\.packages=org\.apache\.spark:spark-sql-kafka-0-10"):
         start_query(spark, replace(cfg, source="kafka"))  # type: ignore[arg-type]
+
+
+def test_shape_queries_get_shift_invariant_replies_over_the_broker(
+        spark: object, cfg: ServeConfig, client: StreamClient, corpus: tuple[list[str], np.ndarray],
+        tmp_path: Path) -> None:
+    """A window cut 0.8 s later than a corpus window (and rescaled) finds it under ``shape``, in every mode."""
+    from batch_index.builder import BuildConfig, build_index
+
+    ids, signals = corpus
+    index = build_index(ids, signals, tmp_path / "shape-index" / "v1",
+                        BuildConfig(metrics=("cosine", "shape", "zeuclidean"), n_references=16, shape_rank=16,
+                                    seed=1), sampling_rate=250.0)
+    cfg = replace(cfg, index=str(index))
+    rows = [3, 17, 40]
+    moved = {r: (3.0 * np.concatenate([signals[r], signals[r + 1]])[200:2700] - 1.0).astype(np.float32) for r in rows}
+    cases = [(mode, metric, r) for mode in ("exact", "hkmeans") for metric in ("shape", "zeuclidean") for r in rows]
+    with running(spark, cfg):
+        sent = {client.send(moved[r], metric, k=3, mode=mode): (mode, metric, r) for mode, metric, r in cases}
+        replies = client.collect(sent, REPLY_TIMEOUT)
+    assert replies.keys() == sent.keys()
+    for cid, (mode, metric, r) in sent.items():
+        res = replies[cid].result
+        assert res.ok, res
+        assert (res.metric, res.mode) == (metric, mode)
+        exact_of = dict(zip(ids, scores(moved[r], signals, metric, max_lag=375)))
+        np.testing.assert_allclose([m[1] for m in res.matches], [exact_of[m[0]] for m in res.matches], rtol=1e-9)
+        if metric == "shape":  # its source is found first, at a score near the 90% they share
+            assert res.matches[0][0] == ids[r] and res.matches[0][1] > 0.8

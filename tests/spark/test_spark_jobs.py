@@ -18,8 +18,11 @@ from batch_index.search import SearchIndex, SearchParams
 from batch_index.synth import SynthConfig, generate
 
 SYN = SynthConfig(sampling_rate=50.0, seed=3)
-CFG = BuildConfig(n_references=256, reference_sample=512, basis_rank=128, leaf_size=24, branching=8,
-                  graph_degree=12)
+CFG = BuildConfig(metrics=METRICS, n_references=256, reference_sample=512, basis_rank=128, leaf_size=24,
+                  branching=8, graph_degree=12)
+#: shape's candidates come from a loose spectral bound (tests/unit/test_index.py measures 0.815 at its
+#: defaults); zeuclidean's centred coordinates keep less of a signal than cosine's (measured here 0.893)
+RECALL_FLOOR = {"shape": 0.75, "zeuclidean": 0.85}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,10 @@ def test_build_writes_one_shard_per_partition(index: SearchIndex) -> None:
         assert s.l1 is not None
         np.testing.assert_allclose(s.l1, block_sums(np.asarray(s.signals), CFG.l1_blocks), rtol=1e-5)
     assert sum(name.endswith("l1-blocks.npy") for name in m["files"]) == 2
+    # and the shape spaces (their own features, PCA, trees and graphs per shard)
+    assert m["shape_spaces"] == ["shape", "zeuclidean"] and m["shape_max_lag"] == 75  # 15% of 500 samples
+    for name in ("shape-features.npy", "shape-basis.npy", "zstats.npy", "graph-shape.npy", "tree-zeuclidean.npz"):
+        assert sum(f.endswith(name) for f in m["files"]) == 2, name
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -70,7 +77,7 @@ def test_spark_built_index_searches_correctly(index: SearchIndex, metric: str) -
     truth_i, _ = index.search_arrays(q, metric, "exact", 10, SearchParams())
     got_i, _ = index.search_arrays(q, metric, "hkmeans", 10, SearchParams.for_metric(metric))
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_i, truth_i)])
-    assert recall >= 0.9, f"hkmeans recall@10 {recall:.3f} for {metric}"
+    assert recall >= RECALL_FLOOR.get(metric, 0.9), f"hkmeans recall@10 {recall:.3f} for {metric}"
 
 
 def test_batch_search_on_spark_equals_local(spark, index: SearchIndex, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,33 @@ def test_distributed_study_compares_masters(tmp_path):
     rows = read_csv(tmp_path / "out" / "results.csv")
     assert [r["master"] for r in rows] == ["local[1]", "local[2]"]
     assert all(float(r["shards_s"]) > 0 for r in rows)
+
+
+def _ucr_fixture(root: Path, name: str, rng: np.random.Generator) -> None:
+    """Two classes of pulse trains (narrow vs wide pulses) at random phase: shift decides nothing."""
+    (root / name).mkdir(parents=True)
+    t = np.arange(120)
+    for split, n in (("TRAIN", 20), ("TEST", 30)):
+        lines = []
+        for i in range(n):
+            label = i % 2 + 1
+            width = 2.0 if label == 1 else 6.0
+            phase = rng.uniform(0, 40)
+            x = sum(np.exp(-0.5 * ((t - phase - c) / width) ** 2) for c in (0, 40, 80, 120))
+            x = x + rng.normal(0, 0.05, t.size)
+            lines.append("\t".join([str(label), *(f"{v:.5f}" for v in x)]))
+        (root / name / f"{name}_{split}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_ucr_study_reads_the_tsv_layout_and_shape_sees_through_phase(tmp_path):
+    from bench.cli import main
+
+    _ucr_fixture(tmp_path / "ucr", "ToyPulses", np.random.default_rng(0))
+    assert main(["ucr", "--ucr-dir", str(tmp_path / "ucr"), "--datasets", "ToyPulses", "--out",
+                 str(tmp_path / "out")]) == 0
+    row = json.loads((tmp_path / "out" / "ucr.json").read_text())["rows"][0]
+    assert (row["train"], row["test"], row["length"]) == (20, 30, 120)
+    assert row["shape"] < row["euclidean"] and row["shape"] <= 0.1
+    assert "ToyPulses" in (tmp_path / "out" / "UCR.md").read_text()
+    assert main(["ucr", "--ucr-dir", str(tmp_path / "ucr"), "--datasets", "ECG200", "--out",
+                 str(tmp_path / "out")]) == 1  # missing set: one clear error line, no traceback

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batch_index.errors import UnknownMetricError
-from batch_index.metrics import METRICS, parse_metrics, scores, top_k, top_k_exact
+from batch_index.metrics import DEFAULT_METRICS, parse_metrics, scores, top_k, top_k_exact
 
 Q = np.array([1.0, 0.0])
 X = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [0.0, 0.0]])
@@ -36,7 +36,7 @@ def _numpy_truth(q: np.ndarray, x: np.ndarray, metric: str) -> np.ndarray:
     return x64 @ q64
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", DEFAULT_METRICS)  # shape metrics: tests/unit/test_shape.py
 def test_top_k_exact_equals_plain_numpy(metric: str) -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(500, 40)).astype(np.float32)
