@@ -39,7 +39,10 @@ from streaming.scoring import Outgoing
 logger = logging.getLogger(__name__)
 
 PRODUCER_DEFAULTS: Final[dict[str, object]] = {
-    "linger.ms": 2, "compression.type": "none", "message.timeout.ms": 30_000, "message.max.bytes": 8 << 20,
+    # an attempt gives up after 10 s and the next one runs on a fresh producer: after a memory-only
+    # broker restarted, the old producer's id is unknown there and its messages only time out (at
+    # librdkafka's 30 s default, replies came 30 s late); a real outage is retried without end anyway
+    "linger.ms": 2, "compression.type": "none", "message.timeout.ms": 10_000, "message.max.bytes": 8 << 20,
     # a reply topic that does not exist fails in ~2 s instead of holding its micro-batch for
     # librdkafka's default 30 s propagation wait
     "topic.metadata.propagation.max.ms": 2_000,
