@@ -66,6 +66,12 @@ def _common(p: argparse.ArgumentParser, study: str) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _wfdb_flag(p: argparse.ArgumentParser) -> None:
+    default = Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb"))
+    p.add_argument("--wfdb-dir", type=Path, default=default,
+                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.recall import RecallConfig
     from bench.systems import PEERS, Sweep
@@ -104,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--margin", type=float, default=rc.margin,
                    help="recommended defaults reach target + margin (default %(default)s)")
     r.add_argument("--stride", type=float, default=rc.stride_s, help="real-record window stride in s")
-    r.add_argument("--wfdb-dir", type=Path,
-                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
-                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+    _wfdb_flag(r)
 
     s = sub.add_parser("scaling", help="study 2: build time, peak memory, query time at fixed recall vs N")
     _common(s, "scaling")
@@ -135,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--metric", default="cosine")
     f.add_argument("--mode", default="hkmeans", choices=MODES)
     f.add_argument("--repeats", type=int, default=1)
-    f.add_argument("--wfdb-dir", type=Path,
-                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
-                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+    _wfdb_flag(f)
 
     x = sub.add_parser("exact", help="study 6: exact mode (lower-bound pruning) vs brute force, 1 thread")
     _common(x, "exact")
@@ -147,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     x.add_argument("--reuse-index", action="store_true",
                    help="search the index an earlier run left in --workdir instead of building it again")
-    x.add_argument("--wfdb-dir", type=Path,
-                   default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
-                   help=f"real records (env {ENV_WFDB_DIR}; default %(default)s)")
+    _wfdb_flag(x)
 
     sh = sub.add_parser("shape", help="study 7: shape metrics: shifted copies, recall vs q/s, build cost")
     _common(sh, "shape")
@@ -157,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--queries", type=int, default=100, help="queries per query set (default %(default)s)")
     sh.add_argument("--ef", type=_ints, default=(128, 256, 512), help="hkmeans ef sweep")
     sh.add_argument("--rerank", type=_ints, default=(64, 128, 256), help="hkmeans re-rank sweep")
-    sh.add_argument("--wfdb-dir", type=Path,
-                    default=Path(os.environ.get(ENV_WFDB_DIR, REPO.parent / "shared/data/wfdb")),
-                    help=f"the shared WFDB records (env {ENV_WFDB_DIR})")
+    _wfdb_flag(sh)
     u = sub.add_parser("ucr", help="1-NN error of euclidean, zeuclidean and shape on UCR ECG sets (TSV layout)")
     u.add_argument("--ucr-dir", type=Path, required=True, help="folder holding <Name>/<Name>_TRAIN.tsv and _TEST.tsv")
     u.add_argument("--datasets", default="ECG200,ECG5000,ECGFiveDays,TwoLeadECG")
