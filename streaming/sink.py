@@ -149,12 +149,13 @@ def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, se
         while producer.flush(1.0) > 0:  # wait for every ack (or per-message timeout) of this attempt
             if abort.is_set():
                 raise DeliveryAborted(f"delivery of {len(pending)} messages abandoned: stopping")
-        retry = []
+        retry: list[Outgoing] = []
+        transient: list[KafkaError] = []  # errors worth another attempt with a fresh producer
         for m, err in failed:
             service = m.topic in service_topics
-            fate = _fate(err, service)
-            if fate == "retry":
+            if _fate(err, service) == "retry":
                 retry.append(m)
+                transient.append(err)
                 continue
             if substitute is None or id(m) in stand_ins:
                 if service:
@@ -175,12 +176,11 @@ def deliver(publisher: Publisher | Producer, messages: Sequence[Outgoing], *, se
                 report.undeliverable += 1
                 logger.error("reply to %r could not be written to the sender's topic %s (%s); recorded in a "
                              "dead letter", m.key, m.topic, err)
-        if any(_fate(err, m.topic in service_topics) == "retry" for m, err in failed):
-            first = next(err for m, err in failed if _fate(err, m.topic in service_topics) == "retry")
-            logger.warning("%d of %d messages not acknowledged (%s); retrying in %.0f s (attempt %d)", len(retry),
-                           len(pending), first, backoff, report.attempts + 1)
+        if transient:
+            logger.warning("%d of %d messages not acknowledged (%s); retrying in %.0f s (attempt %d)",
+                           len(transient), len(pending), transient[0], backoff, report.attempts + 1)
             if isinstance(publisher, Publisher):
-                publisher.renew(f"{len(retry)} messages not acknowledged: {first.str()}")
+                publisher.renew(f"{len(transient)} messages not acknowledged: {transient[0].str()}")
             if abort.wait(backoff):
                 raise DeliveryAborted(f"delivery of {len(retry)} messages abandoned: stopping")
             backoff = min(backoff * 2, MAX_BACKOFF_S)
