@@ -115,8 +115,7 @@ class BatchHandler:
                                  rec.offset)
                 err = DecodeError(ErrorCode.INTERNAL, f"the service could not process this record: "
                                   f"{type(e).__name__}")
-                origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp)
-                part = [dead_letter(self.cfg.dead_letter_topic, origin, rec.key, rec.value, err,
+                part = [dead_letter(self.cfg.dead_letter_topic, Origin.of(rec), rec.key, rec.value, err,
                                     max_bytes=self.limits.max_bytes)]
                 part_stats = BatchStats(records=1, errors={ErrorCode.INTERNAL.value: 1}, dead_letters=1,
                                         offsets={rec.topic: {str(rec.partition): [rec.offset, rec.offset]}})

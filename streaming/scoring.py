@@ -58,6 +58,10 @@ class Origin(NamedTuple):
     offset: int
     timestamp: datetime | None = None
 
+    @classmethod
+    def of(cls, rec: Record) -> Origin:
+        return cls(rec.topic, rec.partition, rec.offset, rec.timestamp)
+
 
 class Outgoing(NamedTuple):
     topic: str
@@ -130,7 +134,7 @@ def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic
                             id_from_key(rec.key))
         if isinstance(q, Query):
             groups[q.group].append(q)
-            origins[id(q)] = _origin(rec)
+            origins[id(q)] = Origin.of(rec)
         else:
             _reject(q, rec, out, stats, index.version, replies_topic, dead_letter_topic, received_at, limits)
     stats.decode_ms = (time.perf_counter() - t0) * 1000
@@ -178,7 +182,7 @@ def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic
 def _reject(err: DecodeError, rec: Record, out: list[Outgoing], stats: BatchStats, version: str,
             replies_topic: str, dead_letter_topic: str, received_at: datetime, limits: Limits) -> None:
     now = datetime.now(timezone.utc)
-    origin = _origin(rec)
+    origin = Origin.of(rec)
     stats.errors[err.code.value] = stats.errors.get(err.code.value, 0) + 1
     if err.correlation_id is not None:
         try:
@@ -242,10 +246,6 @@ def substitute(m: Outgoing, why: str, *, sender_topic: bool, dead_letter_topic: 
     return Outgoing(m.topic, m.key, encode_result(res.correlation_id, error=err, index_version=index_version,
                                                   received_at=res.received_at or now, scored_at=now), "reply",
                     m.origin)
-
-
-def _origin(rec: Record) -> Origin:
-    return Origin(rec.topic, rec.partition, rec.offset, rec.timestamp)
 
 
 def _reply(correlation_id: str, topic: str, value: bytes, origin: Origin | None = None) -> Outgoing:
