@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,18 @@ class PausingHandler(BatchHandler):
     def __init__(self, cfg: ServeConfig, broker: ControllableBroker, down_s: float) -> None:
         super().__init__(cfg)
         self.broker, self.down_s, self.paused = broker, down_s, threading.Event()
+        self.paused_delivery_s: float | None = None  # how long the delivery that met the frozen broker took
 
     def _deliver(self, out: list[Outgoing], version: str) -> DeliveryReport:
-        if not self.paused.is_set() and out:
-            self.paused.set()
-            self.broker.pause()
-            threading.Timer(self.down_s, self.broker.resume).start()
-        return super()._deliver(out, version)
+        if self.paused.is_set() or not out:
+            return super()._deliver(out, version)
+        self.paused.set()
+        self.broker.pause()
+        threading.Timer(self.down_s, self.broker.resume).start()
+        t0 = time.monotonic()
+        report = super()._deliver(out, version)
+        self.paused_delivery_s = time.monotonic() - t0
+        return report
 
 
 @pytest.fixture
@@ -185,11 +191,13 @@ def test_broker_gone_during_delivery_longer_than_the_message_timeout_loses_no_re
         client.flush()
         with running(spark, cfg, handler):
             got = client.collect(sent, REPLY_TIMEOUT)
-    assert handler.paused.is_set() and handler.totals["batches"] >= 1
+    assert handler.paused_delivery_s is not None and handler.paused_delivery_s >= 0.9 * handler.down_s  # it waited
     assert set(got) == set(sent)
     for cid, row in sent.items():
         assert [m[0] for m in got[cid].result.matches] == brute_force(signals, ids, signals[row], "manhattan", 3)
-    assert handler.publisher.renewed >= 1  # attempts timed out while it was away, and a fresh producer retried
+    # whether librdkafka timed the attempt out (then a fresh producer retried) or held requests already
+    # on the wire until the broker answered depends on where each message was when it froze: both
+    # deliver, and that is the property
 
 
 def test_messages_too_large_for_their_topic_are_replaced_by_bounded_stand_ins(
