@@ -76,7 +76,7 @@ class BatchHandler:
         where = "driver"
         if self.cfg.executor_threshold and table.num_rows >= self.cfg.executor_threshold:
             try:
-                out, stats = answer_on_executors(df.sparkSession, table, index, **answer)
+                out, stats = answer_on_executors(df.sparkSession, records, index, **answer)
                 where = "executors"
             except Exception:  # a lost worker must not lose the batch: answer it here instead
                 logger.exception("answering batch %d on the executors failed; answering it on the driver", batch_id)

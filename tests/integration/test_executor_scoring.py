@@ -55,7 +55,7 @@ def test_executors_answer_a_mixed_batch_exactly_as_the_driver(spark: object, ind
     kw = dict(replies_topic="r", dead_letter_topic="dlq", limits=cfg.limits, params={},
               received_at=datetime.now(timezone.utc))
     on_driver, driver_stats = answer_batch(records_of(table), index, **kw)
-    on_executors, executor_stats = answer_on_executors(spark, table, index, **kw)  # type: ignore[arg-type]
+    on_executors, executor_stats = answer_on_executors(spark, records_of(table), index, **kw)  # type: ignore[arg-type]
     assert _outcome(on_executors) == _outcome(on_driver)
     replies, dead = _outcome(on_driver)
     assert sum(s == "ok" for s, _, _ in replies.values()) == 36 and len(dead) == 60
