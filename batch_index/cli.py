@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch_index.builder import SHARD_ROWS, BuildConfig
+from batch_index.build.shards import SHARD_ROWS, BuildConfig
+from batch_index.engine.metrics import DEFAULT_METRICS, METRICS
 from batch_index.errors import EcgSearchError, InvalidInputError
-from batch_index.metrics import DEFAULT_METRICS, METRICS
 from batch_index.search import DEFAULT_PARAMS, MODES, SearchParams
 
 logger = logging.getLogger("batch_index")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spark(args: argparse.Namespace):
-    from batch_index.spark_job import spark_session
+    from batch_index.build.spark_job import spark_session
 
     spark = spark_session(args.master, driver_memory=args.driver_memory)
     spark.sparkContext.setLogLevel("WARN")
@@ -184,18 +184,17 @@ def _spark(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from batch_index.synth import SynthConfig, generate
+    from batch_index.corpus.synthetic import SynthConfig, generate
 
     cfg = SynthConfig(sampling_rate=args.sampling_rate, duration_s=args.duration, seed=args.seed,
                       noise_scale=args.noise_scale)
     if args.engine == "spark" or (args.engine == "auto" and args.n > 50_000):
-        from batch_index import spark_job
-
+        from batch_index.build import spark_job
         if args.start:
             raise InvalidInputError("--start is only supported with --engine local")
         spark_job.generate(_spark(args), args.output, args.n, cfg, args.partitions)
     else:
-        from batch_index.corpus import write_corpus
+        from batch_index.corpus.files import write_corpus
 
         ids, labels, signals = generate(args.start, args.n, cfg)
         write_corpus(args.output, ids, signals, labels)
@@ -204,8 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from batch_index.corpus import write_corpus
-    from batch_index.wfdb_ingest import IngestConfig, ingest_records
+    from batch_index.corpus.files import write_corpus
+    from batch_index.corpus.wfdb import IngestConfig, ingest_records
 
     lead: str | int | None = args.lead
     if lead is not None and lead.isdigit():
@@ -233,16 +232,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     t0 = time.monotonic()
     if args.engine == "local":
-        from batch_index.builder import build_index
-        from batch_index.corpus import read_corpus
+        from batch_index.build.shards import build_index
+        from batch_index.corpus.files import read_corpus
 
         ids, signals, meta = read_corpus(args.input)
         labels = meta.column("label").to_pylist() if "label" in meta.column_names else None
         out = build_index(ids, signals, args.output, cfg, labels=labels, sampling_rate=args.sampling_rate,
                           n_shards=args.partitions or 1, overwrite=args.overwrite)
     else:
-        from batch_index import spark_job
-
+        from batch_index.build import spark_job
         out = spark_job.build(_spark(args), args.input, args.output, cfg, partitions=args.partitions,
                               shard_rows=args.shard_rows, sampling_rate=args.sampling_rate, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
@@ -253,7 +251,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from batch_index.corpus import read_corpus
+    from batch_index.corpus.files import read_corpus
     from batch_index.search import SearchIndex
 
     params = SearchParams.for_metric(args.metric, n_probe=args.n_probe, ef=args.ef, rerank=args.rerank,
@@ -264,13 +262,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     big = n_queries is None or n_queries > LOCAL_SEARCH_MAX_QUERIES
     if args.engine == "spark" or args.by_shard or (args.engine == "auto" and big):
-        from batch_index import spark_job
-
+        from batch_index.build import spark_job
         table = spark_job.search(_spark(args), index, args.queries, args.metric, args.mode, args.k,
                                  args.threshold, params, args.partitions, by_shard=args.by_shard)
         ids = None
     else:
-        from batch_index.spark_job import results_batch
+        from batch_index.build.spark_job import results_batch
 
         ids, q, _ = read_corpus(args.queries, expected_len=index.dim)
         matches = index.search(q, args.metric, args.mode, args.k, args.threshold, params)

@@ -37,18 +37,18 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 from threadpoolctl import ThreadpoolController
 
-from batch_index.block_sums import block_sums
-from batch_index.corpus import MAX_ABS_VALUE
+from batch_index.corpus.files import MAX_ABS_VALUE
+from batch_index.engine.block_sums import block_sums
+from batch_index.engine.exact import QueryTerms, ShardBounds, pruned_top_k
+from batch_index.engine.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
+from batch_index.engine.rescore import approx_scores, exact_scores
+from batch_index.engine.shape import SHAPE_METRICS
+from batch_index.engine.shape_index import ShapeSpaces
+from batch_index.engine.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
+from batch_index.engine.tree import KMeansTree
+from batch_index.engine.walk import ScalarCodes, VisitStamps, walk_many
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
-from batch_index.exact import QueryTerms, ShardBounds, pruned_top_k
 from batch_index.index_files import load_npy, read_manifest, shard_dir
-from batch_index.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
-from batch_index.rescore import approx_scores, exact_scores
-from batch_index.shape import SHAPE_METRICS
-from batch_index.shape_index import ShapeSpaces
-from batch_index.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
-from batch_index.tree import KMeansTree
-from batch_index.walk import ScalarCodes, VisitStamps, walk_many
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ class SearchIndex:
 
         float32 scores over every candidate (read in place, ``rescore``), float64 rescoring of the best
         ``k + margin``: the same answer as scoring them all in float64 (exact mode's guarantee), as in
-        :func:`batch_index.metrics.top_k_exact`. Ties go to the lower row, as there.
+        :func:`batch_index.engine.metrics.top_k_exact`. Ties go to the lower row, as there.
         """
         approx = self._per_shard(cand, lambda s, local: approx_scores(q, s.signals, local, s.signal_sq_norms, metric))
         cand = _best(cand, approx, k + margin)

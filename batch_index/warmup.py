@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.metrics import METRICS
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.metrics import METRICS
 from batch_index.search import MODES, SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate
 
 #: small enough to build in about a second, large enough for a tree with inner nodes and a real walk
 _TINY = BuildConfig(metrics=METRICS, n_references=64, reference_sample=256, basis_rank=32, leaf_size=16,
@@ -38,9 +38,10 @@ class WarmReport:
 
 
 def cache_dir() -> str:
-    """Where numba writes its cache: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside each module
-    (numba falls back to a user cache directory where that is not writable)."""
-    return os.environ.get("NUMBA_CACHE_DIR") or str(Path(__file__).resolve().parent / "__pycache__")
+    """Where numba writes its cache: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside the compiled
+    modules, which all live in ``engine/`` (numba falls back to a user cache directory where that is not
+    writable)."""
+    return os.environ.get("NUMBA_CACHE_DIR") or str(Path(__file__).resolve().parent / "engine" / "__pycache__")
 
 
 def _count_cached(root: str) -> int:

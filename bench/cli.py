@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from batch_index.engine.metrics import DEFAULT_METRICS, parse_metrics
 from batch_index.errors import EcgSearchError
-from batch_index.metrics import DEFAULT_METRICS, parse_metrics
 from batch_index.search import MODES
 from bench.measure import REPO
 

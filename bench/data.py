@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from batch_index.synth import SynthConfig, generate, row_id
-from batch_index.wfdb_ingest import IngestConfig, windows_from_record
+from batch_index.corpus.synthetic import SynthConfig, generate, row_id
+from batch_index.corpus.wfdb import IngestConfig, windows_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def synthetic(n: int, n_queries: int, *, seed: int = 0, cache: Path | None = Non
     picks = np.random.default_rng([seed, 1]).choice(n, size=min(n_queries, n), replace=False)
     return Dataset(f"synthetic-{n}", [row_id(i) for i in range(n)], x,
                    {"unseen": unseen, "perturbed": perturb.apply(x[np.sort(picks)], seed)},
-                   f"synthetic ECG (batch_index.synth, seed {seed}): {n} windows of {x.shape[1]} samples; "
+                   f"synthetic ECG (batch_index.corpus.synthetic, seed {seed}): {n} windows of {x.shape[1]} samples; "
                    f"unseen queries = rows {n}..{n + n_queries - 1}")
 
 

@@ -1,6 +1,6 @@
 """Study 6: ``exact`` with lower-bound pruning against brute force, one thread, one query per call.
 
-Three systems answer the same queries on the same index: our ``exact`` (pruned, ``batch_index.exact``),
+Three systems answer the same queries on the same index: our ``exact`` (pruned, ``batch_index.engine.exact``),
 our previous exact mode (every signal read: float32 BLAS preselection, float64 re-scoring; kept as
 ``SearchIndex._brute_force``) and plain numpy brute force (``bench.systems.numpy_brute``). Ratios are
 within this run. Every pruned answer is checked against the previous exact mode, row for row, and the
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.exact import Z_SLACK, QueryTerms, pruned_top_k
-from batch_index.metrics import DEFAULT_METRICS
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.engine.exact import Z_SLACK, QueryTerms, pruned_top_k
+from batch_index.engine.metrics import DEFAULT_METRICS
 from batch_index.search import SearchIndex, SearchParams
 from bench.data import Dataset, real_records, synthetic
 from bench.measure import capped_threads, machine_info, time_pass

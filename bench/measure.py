@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from batch_index.metrics import scores
+from batch_index.engine.metrics import scores
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _git(*args: str) -> str:
 def code_version() -> dict[str, str]:
     """The commit, and a hash of the ``batch_index`` sources as they are now (others may edit the tree)."""
     h = hashlib.sha256()
-    for p in sorted((REPO / "batch_index").glob("*.py")):
+    for p in sorted((REPO / "batch_index").rglob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     dirty = _git("status", "--porcelain", "--", "batch_index", "bench")
     return {"commit": _git("rev-parse", "--short", "HEAD") or "unknown",

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.metrics import DEFAULT_METRICS as METRICS
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.engine.metrics import DEFAULT_METRICS as METRICS
 from batch_index.search import SearchIndex
 from bench import report
 from bench.data import Dataset, Perturb, real_records, synthetic

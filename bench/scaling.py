@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from batch_index.builder import BuildConfig, build_index
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import row_id
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.synth import row_id
 from bench import report
 from bench.data import _synthetic_rows
 from bench.measure import (

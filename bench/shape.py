@@ -18,12 +18,12 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from batch_index.builder import BuildConfig, build_index
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.wfdb import IngestConfig, windows_from_record
+from batch_index.engine.metrics import scores
+from batch_index.engine.shape import default_max_lag
 from batch_index.errors import InvalidInputError
-from batch_index.metrics import scores
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.shape import default_max_lag
-from batch_index.wfdb_ingest import IngestConfig, windows_from_record
 from bench.data import REAL_RECORDS, Perturb, synthetic
 from bench.measure import capped_threads, machine_info
 from bench.report import table
@@ -104,7 +104,7 @@ class _Timings(logging.Handler):
 
 def _build(x: F32, ids: list[str], path: Path) -> dict[str, Any]:
     handler = _Timings()
-    log = logging.getLogger("batch_index.shape_index")
+    log = logging.getLogger("batch_index.engine.shape_index")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     t0 = time.perf_counter()

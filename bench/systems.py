@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from batch_index.engine.transform import SPACE_OF_METRIC
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.transform import SPACE_OF_METRIC
 from bench.measure import F32, SearchFn, _faiss, thread_cap
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from batch_index.engine.metrics import DEFAULT_METRICS, METRICS
 from batch_index.errors import EcgSearchError, InvalidInputError
-from batch_index.metrics import DEFAULT_METRICS, METRICS
 from batch_index.search import MODES
 from streaming.config import ServeConfig
 
@@ -166,7 +166,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch_index.corpus import read_corpus
+    from batch_index.corpus.files import read_corpus
     from streaming.client import StreamClient
 
     ids, signals, _ = read_corpus(args.queries)
@@ -224,7 +224,7 @@ def load_sample(path: Path, *, row: int | None = None, record_id: str | None = N
     """One query signal from .npy, .csv, Parquet (corpus layout) or a WFDB record; returns (label, sample)."""
     suffix = path.suffix.lower()
     if suffix in (".hea", ".dat") or (not suffix and path.with_suffix(".hea").exists()):
-        from batch_index.wfdb_ingest import IngestConfig, windows_from_record
+        from batch_index.corpus.wfdb import IngestConfig, windows_from_record
 
         lead_arg: str | int | None = int(lead) if lead is not None and lead.isdigit() else lead
         wids, _, windows = windows_from_record(path, IngestConfig(stride_s=1.0, lead=lead_arg))
@@ -236,7 +236,7 @@ def load_sample(path: Path, *, row: int | None = None, record_id: str | None = N
     if not path.exists():
         raise InvalidInputError(f"input {str(path)!r} does not exist")
     if suffix == ".parquet":
-        from batch_index.corpus import read_corpus
+        from batch_index.corpus.files import read_corpus
 
         ids, signals, _ = read_corpus(path)
         if record_id is not None:
@@ -321,7 +321,7 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
             if mid in pos:
                 signals[mid] = np.asarray(idx._rows(np.array([pos[mid]]))[0])
         if metric == "shape" and signals:
-            from batch_index.shape import shape_scores
+            from batch_index.engine.shape import shape_scores
 
             _, best = shape_scores(sample, np.stack(list(signals.values())), idx.shape_max_lag or 0)
             lags = dict(zip(signals, (int(b) for b in best)))
@@ -331,7 +331,7 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
     axes[0, 0].set_title(f"query {label}")
     for ax, (mid, score, rank) in zip(axes[1:, 0], shown):
         if mid in lags:
-            from batch_index.shape import znormalise
+            from batch_index.engine.shape import znormalise
 
             t = np.arange(sample.size)
             ax.plot(t, znormalise(sample)[0], lw=0.8, color="black", alpha=0.45, label="query")
@@ -351,8 +351,8 @@ def plot_matches(out: Path, label: str, sample: npt.NDArray[np.float32],
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
-    from batch_index.builder import build_index
-    from batch_index.synth import SynthConfig, generate
+    from batch_index.build.shards import build_index
+    from batch_index.corpus.synthetic import SynthConfig, generate
     from streaming.admin import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.client import StreamClient

@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 import schemas
-from batch_index.corpus import MAX_ABS_VALUE
-from batch_index.metrics import METRICS
+from batch_index.corpus.files import MAX_ABS_VALUE
+from batch_index.engine.metrics import METRICS
 from batch_index.search import DEFAULT_MAX_K, MODES
 
 DEFAULT_MAX_BYTES: Final[int] = 1 << 20  # 1 MiB: ~100x a 2,500-sample query

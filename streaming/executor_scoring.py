@@ -9,7 +9,7 @@ Below that size the Spark job's own cost (task launch and shipping the records: 
 the gain.
 
 The index is not pickled into tasks: executors memory-map the same version directory the driver
-serves (``batch_index.spark_job.cached_index``), loaded once per Python worker and version, which is
+serves (``batch_index.build.spark_job.cached_index``), loaded once per Python worker and version, which is
 what a broadcast would give without copying gigabytes of raw signals through the driver.
 """
 
@@ -66,7 +66,7 @@ def _answer_chunk(index_path: str, version: str, replies_topic: str, dead_letter
                   params: Mapping[str, Any], received_at: datetime
                   ) -> Callable[[list[Record]], tuple[list[Outgoing], BatchStats]]:
     def run(records: list[Record]) -> tuple[list[Outgoing], BatchStats]:
-        from batch_index.spark_job import cached_index
+        from batch_index.build.spark_job import cached_index
 
         return answer_batch(records, cached_index(index_path, version), replies_topic=replies_topic,
                             dead_letter_topic=dead_letter_topic, limits=limits, params=params,
@@ -104,7 +104,7 @@ def warm_up(spark: SparkSession, index: SearchIndex) -> None:
     path, version = str(index.path), index.version
 
     def load(_: int) -> int:
-        from batch_index.spark_job import cached_index
+        from batch_index.build.spark_job import cached_index
 
         return cached_index(path, version).size
 

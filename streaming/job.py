@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 def spark_session(app: str = "ecg-streaming", master: str = "local[2]",
                   conf: Mapping[str, str] | None = None) -> SparkSession:
     """The project's SparkSession tuned for low-latency micro-batches, with the ``ckafka`` source registered."""
-    from batch_index.spark_job import spark_session as base_session
+    from batch_index.build.spark_job import spark_session as base_session
     from streaming.kafka_source import KafkaDataSource
 
     spark = base_session(master, app_name=app, conf={

@@ -44,11 +44,11 @@ import numpy as np
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.metrics import DEFAULT_METRICS as METRICS
-from batch_index.metrics import scores
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.metrics import DEFAULT_METRICS as METRICS
+from batch_index.engine.metrics import scores
 from batch_index.search import SearchIndex
-from batch_index.synth import SynthConfig, generate
 from devtools.broker import ControllableBroker
 from devtools.hostile import HOSTILE_KINDS, hostile_messages
 from devtools.processes import RssSampler, ServeProcess

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.synth import SynthConfig, generate
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
 from streaming.admin import create_topics
 from streaming.broker import EmbeddedBroker
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from batch_index.metrics import scores, top_k
+from batch_index.engine.metrics import scores, top_k
 from streaming.config import ServeConfig
 from streaming.handler import BatchHandler
 from streaming.job import start_query, stop_gracefully

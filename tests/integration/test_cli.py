@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch_index.corpus import write_corpus
-from batch_index.metrics import scores, top_k
+from batch_index.corpus.files import write_corpus
+from batch_index.engine.metrics import scores, top_k
 from streaming.cli import build_parser, load_sample, main
 
 REPO = Path(__file__).resolve().parents[2]

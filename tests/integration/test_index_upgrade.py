@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.builder import BuildConfig, build_index
+from batch_index.build.shards import BuildConfig, build_index
 from batch_index.errors import IndexFormatError
 from streaming.client import StreamClient
 from streaming.config import ServeConfig

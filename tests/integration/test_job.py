@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from batch_index.metrics import scores, top_k
+from batch_index.engine.metrics import scores, top_k
 from batch_index.search import SearchIndex
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, encode_query
@@ -179,7 +179,7 @@ def test_shape_queries_get_shift_invariant_replies_over_the_broker(
         spark: object, cfg: ServeConfig, client: StreamClient, corpus: tuple[list[str], np.ndarray],
         tmp_path: Path) -> None:
     """A window cut 0.8 s later than a corpus window (and rescaled) finds it under ``shape``, in every mode."""
-    from batch_index.builder import BuildConfig, build_index
+    from batch_index.build.shards import BuildConfig, build_index
 
     ids, signals = corpus
     index = build_index(ids, signals, tmp_path / "shape-index" / "v1",

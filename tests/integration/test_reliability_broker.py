@@ -152,7 +152,7 @@ def _topics(bootstrap: str) -> set[str]:
 
 def test_client_reports_an_unreachable_broker_clearly(tmp_path: Path, corpus: tuple[list[str], np.ndarray],
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from batch_index.corpus import write_corpus
+    from batch_index.corpus.files import write_corpus
     from streaming.broker import free_port
 
     qfile = write_corpus(tmp_path / "q.parquet", ["a"], corpus[1][:1])

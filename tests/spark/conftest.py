@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[object]:
-    from batch_index.spark_job import spark_session
+    from batch_index.build.spark_job import spark_session
 
     session = spark_session("local[2]", app_name="ecg-index-tests", driver_memory="2g")
     session.sparkContext.setLogLevel("ERROR")

@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch_index import spark_job
-from batch_index.block_sums import block_sums
-from batch_index.builder import BuildConfig
-from batch_index.corpus import read_corpus, write_corpus
+from batch_index.build import spark_job
+from batch_index.build.shards import BuildConfig
+from batch_index.corpus.files import read_corpus, write_corpus
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.block_sums import block_sums
+from batch_index.engine.metrics import METRICS, scores
 from batch_index.errors import InvalidInputError
-from batch_index.metrics import METRICS, scores
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate
 
 SYN = SynthConfig(sampling_rate=50.0, seed=3)
 CFG = BuildConfig(metrics=METRICS, n_references=256, reference_sample=512, basis_rank=128, leaf_size=24,

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch_index.builder import BuildConfig
+from batch_index.build.shards import BuildConfig
 from batch_index.cli import build_config, build_parser, main
-from batch_index.corpus import write_corpus
-from batch_index.metrics import scores
-from batch_index.synth import SynthConfig, generate
+from batch_index.corpus.files import write_corpus
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.metrics import scores
 
 SMALL_FLAGS = ["--n-references", "128", "--basis-rank", "64", "--leaf-size", "16", "--branching", "8",
                "--reference-sample", "400"]

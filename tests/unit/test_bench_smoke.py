@@ -113,8 +113,8 @@ def test_scaling_study_builds_in_subprocesses(tmp_path):
 
 @pytest.mark.spark
 def test_e2e_study_serves_through_a_real_broker(tmp_path):
-    from batch_index.builder import BuildConfig, build_index
-    from batch_index.synth import SynthConfig, generate
+    from batch_index.build.shards import BuildConfig, build_index
+    from batch_index.corpus.synthetic import SynthConfig, generate
 
     ids, _, x = generate(0, 300, SynthConfig(seed=0))
     index = build_index(list(ids), x, tmp_path / "index", BuildConfig(n_references=16))

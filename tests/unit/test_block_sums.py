@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums, l1_lower_bound
-from batch_index.builder import BuildConfig, build_index
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums, l1_lower_bound
+from batch_index.engine.metrics import scores
 from batch_index.errors import InvalidInputError
-from batch_index.metrics import scores
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate
 
 SMALL = BuildConfig(n_references=256, reference_sample=512, basis_rank=128, leaf_size=24, branching=8,
                     graph_degree=12)

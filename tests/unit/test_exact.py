@@ -7,13 +7,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch_index.block_sums import block_sums
-from batch_index.builder import BuildConfig, build_index
-from batch_index.exact import QueryTerms, ShardBounds, brute_force_top_k, pruned_top_k
-from batch_index.metrics import DEFAULT_METRICS
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.block_sums import block_sums
+from batch_index.engine.exact import QueryTerms, ShardBounds, brute_force_top_k, pruned_top_k
+from batch_index.engine.metrics import DEFAULT_METRICS
+from batch_index.engine.transform import ReferenceTransform
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate
-from batch_index.transform import ReferenceTransform
 
 KINDS = ("gaussian", "duplicates", "small-integers", "constant", "with-zeros", "one-hot")
 

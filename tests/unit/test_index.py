@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.builder import BuildConfig, build_index
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.metrics import DEFAULT_METRICS, METRICS, scores
+from batch_index.engine.tree import KMeansTree
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.index_files import file_checksum
-from batch_index.metrics import DEFAULT_METRICS, METRICS, scores
 from batch_index.search import MODES, SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate
-from batch_index.tree import KMeansTree
 
 SMALL = BuildConfig(metrics=METRICS, n_references=256, reference_sample=512, basis_rank=128, leaf_size=24,
                     branching=8, graph_degree=12)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from batch_index.engine.metrics import DEFAULT_METRICS, parse_metrics, scores, top_k, top_k_exact
 from batch_index.errors import UnknownMetricError
-from batch_index.metrics import DEFAULT_METRICS, parse_metrics, scores, top_k, top_k_exact
 
 Q = np.array([1.0, 0.0])
 X = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [0.0, 0.0]])

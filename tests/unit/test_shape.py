@@ -7,18 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.builder import BuildConfig, build_index
-from batch_index.errors import InvalidInputError
-from batch_index.metrics import scores, top_k_exact
-from batch_index.search import SearchIndex, SearchParams
-from batch_index.shape import (
+from batch_index.build.shards import BuildConfig, build_index
+from batch_index.corpus.synthetic import SynthConfig, generate
+from batch_index.engine.metrics import scores, top_k_exact
+from batch_index.engine.shape import (
     fft_length,
     shape_scores,
     spectral_features,
     zeuclidean_scores,
     znormalise,
 )
-from batch_index.synth import SynthConfig, generate
+from batch_index.errors import InvalidInputError
+from batch_index.search import SearchIndex, SearchParams
 
 SYN = SynthConfig(sampling_rate=50.0, duration_s=10.0, seed=11)  # 500 samples
 

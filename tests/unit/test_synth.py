@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 from scipy.signal import butter, filtfilt, find_peaks
 
-from batch_index.corpus import corpus_schema, signals_from_arrow
+from batch_index.corpus.files import corpus_schema, signals_from_arrow
+from batch_index.corpus.synthetic import CLASSES, SynthConfig, generate, generate_record_batches
 from batch_index.errors import InvalidInputError
-from batch_index.synth import CLASSES, SynthConfig, generate, generate_record_batches
 
 FS = 250.0
 N_ROWS = 360  # ~40 windows per class

@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
+from batch_index.engine.graph import build_graph
+from batch_index.engine.transform import ReferenceTransform, choose_references, space_points, space_queries
+from batch_index.engine.tree import KMeansTree, build_tree
 from batch_index.errors import InvalidInputError
-from batch_index.graph import build_graph
-from batch_index.transform import ReferenceTransform, choose_references, space_points, space_queries
-from batch_index.tree import KMeansTree, build_tree
 
 
 @pytest.fixture(scope="module")

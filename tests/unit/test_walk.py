@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_index.graph import build_graph
-from batch_index.metrics import DEFAULT_METRICS, scores
-from batch_index.rescore import approx_scores, exact_scores
-from batch_index.tree import build_tree
-from batch_index.walk import ScalarCodes, VisitStamps, walk, walk_many
+from batch_index.engine.graph import build_graph
+from batch_index.engine.metrics import DEFAULT_METRICS, scores
+from batch_index.engine.rescore import approx_scores, exact_scores
+from batch_index.engine.tree import build_tree
+from batch_index.engine.walk import ScalarCodes, VisitStamps, walk, walk_many
 
 
 @pytest.fixture(scope="module")

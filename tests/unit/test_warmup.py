@@ -20,13 +20,13 @@ REPO = Path(__file__).resolve().parents[2]
 def _kernels() -> dict[str, CPUDispatcher]:
     """Every numba-compiled function defined in ``batch_index`` (spark_job imports pyspark: skipped)."""
     found = {}
-    for info in pkgutil.iter_modules(batch_index.__path__):
-        if info.name in ("spark_job", "__main__"):
+    for info in pkgutil.walk_packages(batch_index.__path__, prefix="batch_index."):
+        if info.name.rsplit(".", 1)[-1] in ("spark_job", "__main__"):
             continue
-        module = importlib.import_module(f"batch_index.{info.name}")
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == module.__name__:
-                found[f"{info.name}.{name}"] = obj
+                found[f"{info.name.rsplit('.', 1)[-1]}.{name}"] = obj
     return found
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import wfdb
 
+from batch_index.corpus.wfdb import IngestConfig, ingest_records, windows_from_record
 from batch_index.errors import InvalidInputError
-from batch_index.wfdb_ingest import IngestConfig, ingest_records, windows_from_record
 
 REC100_SAMPLES, REC100_FS = 650_000, 360  # 30 min 3 s, MIT-BIH
 A103L_SAMPLES = 82_500  # 5.5 min at 250 Hz
@@ -99,7 +99,7 @@ def test_other_target_rate(wfdb_dir):
 
 
 def test_non_voltage_lead_is_kept_with_a_warning(wfdb_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="batch_index.wfdb_ingest"):
+    with caplog.at_level(logging.WARNING, logger="batch_index.corpus.wfdb"):
         _, _, x = windows_from_record(wfdb_dir / "a103l", IngestConfig(lead="PLETH"))
     assert x.shape == (33, 2500)
     assert "NU" in caplog.text
@@ -119,7 +119,7 @@ def _write_record(tmp_path, name: str, seconds: float, nan_span_s: tuple[float, 
 
 def test_nan_windows_are_skipped_and_logged(tmp_path, caplog):
     path = _write_record(tmp_path, "gap", 60.0, (12.0, 14.0))
-    with caplog.at_level(logging.INFO, logger="batch_index.wfdb_ingest"):
+    with caplog.at_level(logging.INFO, logger="batch_index.corpus.wfdb"):
         ids, _, x = windows_from_record(path)
     assert ids == ["gap-I-0", "gap-I-5000", "gap-I-7500", "gap-I-10000", "gap-I-12500"]
     assert np.isfinite(x).all()

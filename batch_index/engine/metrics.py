@@ -5,7 +5,7 @@
 - manhattan: 1 / (1 + |q - x|_1)
 - dot:       <q, x>
 - shape:     max over lags |l| <= max_lag of the normalised cross-correlation of the z-normalised
-             signals, in [-1, 1] (shift-, gain- and baseline-invariant; see ``batch_index.shape``)
+             signals, in [-1, 1] (shift-, gain- and baseline-invariant; see ``batch_index.engine.shape``)
 - zeuclidean: 1 / (1 + |zq - zx|_2) on z-normalised signals (gain- and baseline-invariant)
 
 Exact scores are computed on differences (not |q|^2 + |x|^2 - 2<q, x>) so near-duplicates keep full
@@ -19,8 +19,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from batch_index.engine.shape import SHAPE_METRICS, default_max_lag, shape_scores, zeuclidean_scores
 from batch_index.errors import UnknownMetricError
-from batch_index.shape import SHAPE_METRICS, default_max_lag, shape_scores, zeuclidean_scores
 
 #: every metric a query may name; an index serves those it was built for
 METRICS: Final[tuple[str, ...]] = ("cosine", "euclidean", "manhattan", "dot", *SHAPE_METRICS)

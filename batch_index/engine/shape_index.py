@@ -1,12 +1,12 @@
-"""The indexed side of ``shape`` and ``zeuclidean`` (see :mod:`batch_index.shape`): build and search.
+"""The indexed side of ``shape`` and ``zeuclidean`` (see :mod:`batch_index.engine.shape`): build and search.
 
 Both reuse the machinery of the other metrics (a k-means tree per shard to start from, a neighbour
 graph walked over 8-bit codes, an exact re-rank), fed with different points:
 
-- ``shape`` space: :func:`~batch_index.shape.spectral_features` of every z-normalised signal (the
+- ``shape`` space: :func:`~batch_index.engine.shape.spectral_features` of every z-normalised signal (the
   padded |FFT|, invariant to shift, whose dot product bounds NCC at every lag from above), reduced
   by a PCA fitted per shard (``shape-basis.npy``, the leading ``shape_rank`` directions of a sample
-  of the shard's features plus the residual norm, as :class:`~batch_index.transform.ReferenceTransform`
+  of the shard's features plus the residual norm, as :class:`~batch_index.engine.transform.ReferenceTransform`
   does for raw signals). Candidates the walk finds are re-ranked by the exact FFT NCC.
   ``exact`` mode scores every row, in the order of the spectral bound, and stops once the bound of
   the next row is below the k-th best score found: rows it skips cannot enter the top k.
@@ -33,12 +33,10 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from batch_index.errors import IndexFormatError
-from batch_index.graph import build_graph
-from batch_index.index_files import load_npy
-from batch_index.metrics import RESCORE_MARGIN
-from batch_index.rescore import approx_scores
-from batch_index.shape import (
+from batch_index.engine.graph import build_graph
+from batch_index.engine.metrics import RESCORE_MARGIN
+from batch_index.engine.rescore import approx_scores
+from batch_index.engine.shape import (
     SHAPE_METRICS,
     best_lags,
     fft_length,
@@ -48,9 +46,11 @@ from batch_index.shape import (
     zeuclidean_scores,
     znormalise,
 )
-from batch_index.transform import ReferenceTransform
-from batch_index.tree import KMeansTree, build_tree
-from batch_index.walk import ScalarCodes, VisitStamps, walk_many
+from batch_index.engine.transform import ReferenceTransform
+from batch_index.engine.tree import KMeansTree, build_tree
+from batch_index.engine.walk import ScalarCodes, VisitStamps, walk_many
+from batch_index.errors import IndexFormatError
+from batch_index.index_files import load_npy
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from batch_index.prefetch import prefetch_span
-from batch_index.tree import descend
+from batch_index.engine.prefetch import prefetch_span
+from batch_index.engine.tree import descend
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -119,7 +119,7 @@ def walk(codes: ScalarCodes, neighbors: npt.NDArray[np.int32], query: F32, seeds
 def walk_many(codes: ScalarCodes, neighbors: npt.NDArray[np.int32], queries: F32, descent: tuple[Any, ...], ef: int,
               visits: VisitStamps) -> tuple[I64, F32]:
     """:func:`walk` for each row of ``queries``, seeded by the tree descent ``descent``
-    (:meth:`batch_index.tree.KMeansTree.descent`), in one compiled call.
+    (:meth:`batch_index.engine.tree.KMeansTree.descent`), in one compiled call.
 
     Returns arrays of shape (nq, ef): local ids (-1 where a walk found fewer) and squared distances
     (inf there). One call per slice of queries, not per query: the Python between the per-query kernels

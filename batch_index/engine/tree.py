@@ -85,7 +85,7 @@ class KMeansTree:
 
     def descent(self, points: F32, n_probe: int, route: str = "centroid", beam: int = 0) -> tuple[Any, ...]:
         """What :func:`descend` takes before the query: the tree's arrays, the routing vectors, n_probe, beam
-        (compiled callers, e.g. :func:`batch_index.walk.walk_many`, descend many queries in one call)."""
+        (compiled callers, e.g. :func:`batch_index.engine.walk.walk_many`, descend many queries in one call)."""
         vectors, row_of_node = (points, self.rep) if route == "representative" else (self.centroid, self._node_ids)
         return (self.child_start, self.child_count, self.leaf_start, self.leaf_count, self.order, vectors, row_of_node,
                 int(n_probe), int(max(beam or 4 * n_probe, n_probe)))

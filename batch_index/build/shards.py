@@ -22,9 +22,21 @@ import numpy.typing as npt
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from batch_index.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
+from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
+from batch_index.engine.graph import build_graph
+from batch_index.engine.metrics import DEFAULT_METRICS, parse_metrics
+from batch_index.engine.shape import check_max_lag, default_max_lag, fft_length
+from batch_index.engine.shape_index import build_shape_spaces
+from batch_index.engine.shape_index import spaces_of as shape_spaces_of
+from batch_index.engine.transform import (
+    REFERENCE_METHODS,
+    ReferenceTransform,
+    choose_references,
+    space_points,
+    spaces_for,
+)
+from batch_index.engine.tree import KMEANS_KINDS, build_tree
 from batch_index.errors import InvalidInputError
-from batch_index.graph import build_graph
 from batch_index.index_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,18 +45,6 @@ from batch_index.index_files import (
     write_manifest,
     write_shard_arrays,
 )
-from batch_index.metrics import DEFAULT_METRICS, parse_metrics
-from batch_index.shape import check_max_lag, default_max_lag, fft_length
-from batch_index.shape_index import build_shape_spaces
-from batch_index.shape_index import spaces_of as shape_spaces_of
-from batch_index.transform import (
-    REFERENCE_METHODS,
-    ReferenceTransform,
-    choose_references,
-    space_points,
-    spaces_for,
-)
-from batch_index.tree import KMEANS_KINDS, build_tree
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class BuildConfig:
 
 
 def uses_l1_blocks(cfg: BuildConfig) -> bool:
-    """Whether shards keep block sums (see :mod:`batch_index.block_sums`): only manhattan reads them."""
+    """Whether shards keep block sums (see :mod:`batch_index.engine.block_sums`): only manhattan reads them."""
     return cfg.l1_blocks > 0 and "manhattan" in cfg.metrics
 
 

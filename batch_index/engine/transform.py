@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import MiniBatchKMeans
 
+from batch_index.engine.metrics import check_metric
 from batch_index.errors import InvalidInputError
-from batch_index.metrics import check_metric
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from batch_index.corpus import to_record_batch
+from batch_index.corpus.files import to_record_batch
 from batch_index.errors import InvalidInputError
 
 CLASSES: Final[tuple[str, ...]] = (

@@ -5,7 +5,7 @@ first (numpy fancy indexing on the memory map) and then running BLAS wrote that 
 the largest cost of an hkmeans query once the walk was compiled (~0.6 of ~2 ms at 10^5). Here each
 row is scored where it lies, the next rows prefetched meanwhile: float32 scores for every candidate
 (:func:`approx_scores`), then float64 scores for the survivors (:func:`exact_scores`), computed like
-:func:`batch_index.metrics.scores` (cosine and euclidean on the raw values and differences, not from
+:func:`batch_index.engine.metrics.scores` (cosine and euclidean on the raw values and differences, not from
 stored norms) so the answer is exact mode's. The float64 pass was numpy before: converting the
 survivors to float64 and norming them held the GIL for ~0.2 ms a query, a sixth of a cosine query.
 """
@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from batch_index.metrics import _EPS  # a zero norm scores 0 in exact mode too
-from batch_index.prefetch import prefetch_span
+from batch_index.engine.metrics import _EPS  # a zero norm scores 0 in exact mode too
+from batch_index.engine.prefetch import prefetch_span
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -42,7 +42,7 @@ def approx_scores(queries: F32, signals: np.ndarray, rows: I64, sq_norms: F32, m
 
 
 def exact_scores(queries: np.ndarray, signals: np.ndarray, rows: I64, metric: str) -> F64:
-    """float64 scores of ``signals[rows[i]]`` to ``queries[i]`` (:func:`batch_index.metrics.scores` on
+    """float64 scores of ``signals[rows[i]]`` to ``queries[i]`` (:func:`batch_index.engine.metrics.scores` on
     those rows); ``-inf`` where a row is -1."""
     return _exact_many(np.asarray(signals), np.ascontiguousarray(rows, dtype=np.int64),
                        np.ascontiguousarray(queries, dtype=np.float64), METRIC_CODE[metric])

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_index.builder import (
+from batch_index.build.shards import (
     SHARD_ROWS,
     BuildConfig,
     build_shard,
@@ -32,12 +32,12 @@ from batch_index.builder import (
     prepare_output,
     shape_max_lag,
 )
-from batch_index.corpus import ID_COL, LABEL_COL, SIGNAL_COL, signals_from_arrow
+from batch_index.corpus.files import ID_COL, LABEL_COL, SIGNAL_COL, signals_from_arrow
+from batch_index.corpus.synthetic import SynthConfig, generate_record_batches
+from batch_index.engine.transform import ReferenceTransform
 from batch_index.errors import InvalidInputError
 from batch_index.index_files import ShardInfo, shard_dir
 from batch_index.search import SearchIndex, SearchParams
-from batch_index.synth import SynthConfig, generate_record_batches
-from batch_index.transform import ReferenceTransform
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def spark_session(master: str = "local[2]", app_name: str = "ecg-similarity", dr
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.strip().startswith("local"):  # one machine: bind to loopback instead of warning that it did
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    log_config = Path(__file__).with_name("log4j2.properties")  # quiet what is ours to quiet
+    log_config = Path(__file__).resolve().parents[1] / "log4j2.properties"  # quiet what is ours to quiet
     builder = (SparkSession.builder.master(master).appName(app_name)
                .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log_config}")
                .config("spark.driver.memory", driver_memory)
@@ -105,7 +105,7 @@ class Progress:
 # ---- generate ---------------------------------------------------------------------------------------
 def generate(spark, output: str | Path, n: int, cfg: SynthConfig, partitions: int | None = None) -> int:
     """Write ``n`` synthetic windows as Parquet, generated on executors from row numbers."""
-    from batch_index.corpus import corpus_schema
+    from batch_index.corpus.files import corpus_schema
 
     if n < 1:
         raise InvalidInputError(f"n must be >= 1, got {n}")

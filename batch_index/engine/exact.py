@@ -18,7 +18,7 @@ one (all float coordinates, or all block sums) for the signals it cannot rule ou
 where many are still left, then the raw signals in float64, in the order of the bounds and in growing
 chunks, until the next bound cannot reach the k-th best score found. A signal is skipped only when its
 bound is strictly below that score, so a tie is always scored, and the answer is brute force's
-(:func:`brute_force_top_k`): the same float64 scores (:func:`batch_index.metrics.scores`, row by row)
+(:func:`brute_force_top_k`): the same float64 scores (:func:`batch_index.engine.metrics.scores`, row by row)
 ranked by score, then by lower row.
 
 Floating point: the stored coordinates were computed in float32 (a GEMM over 2,500 samples), so the
@@ -39,10 +39,10 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from batch_index.block_sums import block_starts, block_sums
-from batch_index.metrics import scores, top_k
-from batch_index.transform import SPACE_OF_METRIC, space_points, space_queries
-from batch_index.walk import ScalarCodes
+from batch_index.engine.block_sums import block_starts, block_sums
+from batch_index.engine.metrics import scores, top_k
+from batch_index.engine.transform import SPACE_OF_METRIC, space_points, space_queries
+from batch_index.engine.walk import ScalarCodes
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
