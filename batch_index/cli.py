@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 
 from batch_index.build.shards import SHARD_ROWS, BuildConfig
 from batch_index.engine.metrics import DEFAULT_METRICS, METRICS
-from batch_index.errors import EcgSearchError, InvalidInputError
+from batch_index.errors import InvalidInputError, ours
 from batch_index.search import DEFAULT_PARAMS, MODES, SearchParams
 
 logger = logging.getLogger("batch_index")
@@ -314,9 +313,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return 0
 
 
+USER_ERROR_EXIT = 2  # documented: refused input, a missing or corrupt index (argparse's usage errors: 2 too)
 _COMMANDS = {"generate": cmd_generate, "ingest": cmd_ingest, "build": cmd_build, "search": cmd_search,
              "inspect": cmd_inspect, "warm": cmd_warm}
-_OUR_ERROR = re.compile(r"(?:InvalidInputError|IndexFormatError|UnknownMetricError|MetricNotIndexedError): (.+)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,12 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         return _COMMANDS[args.command](args)
-    except EcgSearchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # errors raised on Spark executors arrive wrapped; show ours plainly
-        found = _OUR_ERROR.search(str(e))
-        if found is None:
+    except Exception as e:  # ours, raised here or carried back from a Spark executor: one clean line
+        error = ours(e)
+        if error is None:
             raise
-        print(f"error: {found.group(1).strip()}", file=sys.stderr)
-        return 2
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT

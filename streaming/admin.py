@@ -9,14 +9,11 @@ from collections.abc import Iterable, Mapping
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from batch_index.errors import EcgSearchError
+from streaming.errors import BrokerError
 from streaming.redaction import redact
 
 logger = logging.getLogger(__name__)
 
-
-class BrokerError(EcgSearchError):
-    """The embedded broker could not be found, started, or did not answer."""
 
 
 def create_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 1, replication: int = 1,

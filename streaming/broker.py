@@ -24,7 +24,7 @@ from types import TracebackType
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from streaming.admin import BrokerError
+from streaming.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batch_index.engine.metrics import DEFAULT_METRICS, METRICS
-from batch_index.errors import EcgSearchError, InvalidInputError
+from batch_index.errors import InvalidInputError, ours
 from batch_index.search import MODES
 from streaming.config import ServeConfig
 
@@ -215,7 +215,7 @@ def cmd_send(args: argparse.Namespace) -> int:
               f"{next(iter(undelivered.values()))}", file=sys.stderr)
     if missing:
         print(f"error: {missing} of {len(cids)} queries got no reply within {args.timeout:g} s", file=sys.stderr)
-        return 1
+        return FAILURE_EXIT
     return 0
 
 
@@ -279,13 +279,13 @@ def cmd_send_one(args: argparse.Namespace) -> int:
     if reply is None:
         print(f"error: no reply within {args.timeout:g} s (is `python -m streaming serve` running?)",
               file=sys.stderr)
-        return 1
+        return FAILURE_EXIT
     res = reply.result
     print(f"query {label} ({sample.size} samples)  {args.metric}/{args.mode} k={args.k}  "
           f"index {res.index_version}  {reply.latency_ms:.0f} ms")
     if not res.ok:
         print(f"error {res.error_code}: {res.error_message}", file=sys.stderr)
-        return 1
+        return FAILURE_EXIT
     print(f"{'rank':>4}  {'id':<32} {'score':>12}")
     for mid, score, rank in res.matches:
         print(f"{rank:>4}  {mid:<32} {score:>12.6f}")
@@ -378,7 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 warm = client.send(signals[0], "cosine", k=1, mode="exact")
                 if warm not in client.collect([warm], 180):
                     print("error: the streaming job did not answer within 180 s", file=sys.stderr)
-                    return 1
+                    return FAILURE_EXIT
                 print(f"first reply after {time.monotonic() - t0:.1f} s (Spark start-up); now one query per "
                       "mode and metric:")
                 sent = {}
@@ -420,6 +420,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+FAILURE_EXIT = 1  # documented: any error of ours ends a command with 1 (argparse's usage errors exit 2)
 COMMANDS = {"serve": cmd_serve, "send": cmd_send, "send-one": cmd_send_one, "tail": cmd_tail, "demo": cmd_demo}
 
 
@@ -439,11 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except EcgSearchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = open(os.devnull, "w")
         return 0
+    except Exception as e:  # ours, raised here or carried back from a Spark executor: one clean line
+        error = ours(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return FAILURE_EXIT

@@ -34,15 +34,12 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 import schemas
-from batch_index.errors import EcgSearchError
 from streaming.codec import Result, decode_result, encode_query
+from streaming.errors import ClientError
 from streaming.redaction import redact
 
 logger = logging.getLogger(__name__)
 
-
-class ClientError(EcgSearchError):
-    """The broker or the reply topic cannot be reached."""
 
 
 @dataclass(frozen=True)

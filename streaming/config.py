@@ -14,17 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from batch_index.errors import EcgSearchError
 from batch_index.search import DEFAULT_MAX_K
 from streaming.codec import DEFAULT_MAX_BYTES, TOPIC_NAME, Limits
+from streaming.errors import ConfigError
 from streaming.redaction import is_secret_key
 from streaming.sink import forced_conflicts
 
 SOURCES: Final[tuple[str, ...]] = ("ckafka", "kafka")
 
-
-class ConfigError(EcgSearchError, ValueError):
-    """A serve setting is missing or out of range."""
 
 
 def setting(default: Any, help: str, *, env: str | None = None, flag: str | None = None,

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaException
 
-from streaming.admin import BrokerError, create_topics
-from streaming.config import ConfigError, ServeConfig
+from streaming.admin import create_topics
+from streaming.config import ServeConfig
+from streaming.errors import BrokerError, ConfigError
 from streaming.executor_scoring import warm_up
 from streaming.handler import BatchHandler
 from streaming.index_cache import holder_for

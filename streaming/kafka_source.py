@@ -61,7 +61,7 @@ from confluent_kafka.admin import AdminClient
 from pyspark.sql.datasource import DataSource, SimpleDataSourceStreamReader
 from pyspark.sql.types import StructType
 
-from batch_index.errors import EcgSearchError
+from streaming.errors import SourceConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,6 @@ _NO_META: Final[tuple[str | None, int]] = (None, 0)
 _MIN_TS_MS: Final[int] = -62135596800000 + 86_400_000   # 0001-01-02T00:00:00Z
 _MAX_TS_MS: Final[int] = 253402300799999 - 86_400_000   # 9999-12-30T23:59:59.999Z
 
-
-class SourceConfigError(EcgSearchError, ValueError):
-    """The source's options (or the Kafka settings passed through them) are unusable."""
 
 
 @dataclass(frozen=True)

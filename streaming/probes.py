@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from confluent_kafka import KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from streaming.admin import BrokerError, admin_client
+from streaming.admin import admin_client
+from streaming.errors import BrokerError
 
 if TYPE_CHECKING:
     pass

@@ -31,8 +31,7 @@ from typing import Final
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from batch_index.errors import EcgSearchError
-from streaming.admin import BrokerError
+from streaming.errors import BrokerError, DeliveryAborted, DeliveryFailed
 from streaming.redaction import redact
 from streaming.scoring import Outgoing
 
@@ -113,12 +112,6 @@ class DeliveryReport:
     attempts: int = 0
 
 
-class DeliveryAborted(EcgSearchError):
-    """Delivery was abandoned on request (shutdown while the broker is away); the batch is replayed."""
-
-
-class DeliveryFailed(EcgSearchError):
-    """A service topic refused a message and its bounded stand-in: the batch fails uncommitted."""
 
 
 #: ``substitute(message, why, sender_topic)``: the bounded stand-in of a refused message

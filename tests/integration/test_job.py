@@ -16,7 +16,8 @@ from batch_index.engine.metrics import scores, top_k
 from batch_index.search import SearchIndex
 from streaming.client import StreamClient
 from streaming.codec import decode_dead_letter, encode_query
-from streaming.config import ConfigError, ServeConfig
+from streaming.config import ServeConfig
+from streaming.errors import ConfigError
 from streaming.handler import BatchHandler
 from streaming.job import start_query, stop_gracefully
 

@@ -23,15 +23,16 @@ import numpy as np
 import pytest
 
 from batch_index.errors import IndexFormatError
-from streaming.admin import BrokerError, admin_client, create_topics
+from streaming.admin import admin_client, create_topics
 from streaming.cli import main
-from streaming.client import ClientError, StreamClient
+from streaming.client import StreamClient
 from streaming.codec import decode_result, encode_query
-from streaming.config import ConfigError, ServeConfig
+from streaming.config import ServeConfig
+from streaming.errors import BrokerError, ClientError, ConfigError, SourceConfigError
 from streaming.handler import BatchHandler
 from streaming.index_cache import IndexHolder, resolve_index
 from streaming.job import start_query
-from streaming.kafka_source import KafkaStreamReader, SourceConfigError, SourceOptions
+from streaming.kafka_source import KafkaStreamReader, SourceOptions
 from streaming.redaction import redact
 from streaming.scoring import Record, answer_batch
 from streaming.sink import Publisher

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import KafkaError, Producer
 
+from streaming.errors import DeliveryAborted
 from streaming.scoring import Outgoing
-from streaming.sink import FORCED, PRODUCER_DEFAULTS, DeliveryAborted, Publisher, deliver, forced_conflicts
+from streaming.sink import FORCED, PRODUCER_DEFAULTS, Publisher, deliver, forced_conflicts
 
 
 class ScriptedProducer:

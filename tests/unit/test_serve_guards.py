@@ -10,7 +10,8 @@ from typing import NamedTuple
 import pytest
 
 from streaming.cli import build_parser
-from streaming.config import ConfigError, ServeConfig
+from streaming.config import ServeConfig
+from streaming.errors import ConfigError
 from streaming.offset_gaps import OffsetGaps
 
 
