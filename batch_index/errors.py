@@ -10,6 +10,7 @@ one (batch: 2, as for a usage error; streaming: 1). The service's own subclasses
 from __future__ import annotations
 
 import re
+
 # how a Python exception reads in the text Spark wraps it in (PythonException, Py4JJavaError):
 # the traceback's last line, ``package.module.ClassName: message`` or ``ClassName: message``
 _WRAPPED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*): (.+)$", re.MULTILINE)
