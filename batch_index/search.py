@@ -118,6 +118,64 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+class Problem(NamedTuple):
+    """Why a query is refused: ``code`` is the service's ``error_code`` (``streaming.codec.ErrorCode``)."""
+
+    code: str
+    message: str
+
+
+_ERROR_OF_PROBLEM: Final[dict[str, type[InvalidInputError]]] = {
+    "UNKNOWN_METRIC": UnknownMetricError, "UNKNOWN_MODE": UnknownMetricError,
+    "METRIC_NOT_INDEXED": MetricNotIndexedError}
+
+
+def query_problem(index: Any, samples: npt.NDArray[np.floating], metric: str, mode: str, k: int,
+                  threshold: float | None, max_k: int | None = None) -> Problem | None:
+    """The first rule that queries ``samples`` (shape (nq, n)) break, or None: the one set of rules for
+    every door, the search API's (:meth:`SearchIndex.check_queries`, which raises it) and the service's
+    decoder (which answers it as an error reply), so nothing behind either door checks again.
+
+    ``index`` needs ``dim``, ``metrics``, ``max_k`` and ``version``; ``max_k`` lowers the index's own.
+    """
+    if metric not in METRICS:
+        return Problem("UNKNOWN_METRIC", f"unknown metric {_cut(metric)!r}; expected one of {', '.join(METRICS)}")
+    if metric not in index.metrics:
+        return Problem("METRIC_NOT_INDEXED", f"metric {metric!r} is not in this index (built for "
+                       f"{', '.join(index.metrics)}): version {index.version}")
+    if mode not in MODES:
+        return Problem("UNKNOWN_MODE", f"unknown mode {_cut(mode)!r}; expected one of {', '.join(MODES)}")
+    limit = index.max_k if max_k is None else min(max_k, index.max_k)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
+        return Problem("BAD_K", f"k must be an integer in 1..{limit}, got {k!r}")
+    if threshold is not None and not np.isfinite(threshold):
+        return Problem("BAD_THRESHOLD", f"threshold must be a finite number, got {threshold!r}")
+    many = len(samples) > 1
+    if samples.ndim != 2 or samples.shape[1] != index.dim:
+        n = samples.shape[-1] if samples.ndim else 0
+        return Problem("BAD_LENGTH", f"{'query has' if many or samples.ndim != 2 else 'sample has'} {n} values; "
+                       f"index {index.version} expects {index.dim}")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        i, j = (int(x[0]) for x in np.nonzero(~finite))
+        where = f"query {i} contains NaN or infinite values: " if many else ""
+        return Problem("NON_FINITE", f"{where}sample value {j} is {samples[i, j]}; NaN and infinity are not allowed")
+    if samples.size:
+        magnitude = np.abs(samples)
+        big = magnitude > MAX_ABS_VALUE
+        if big.any():
+            i, j = (int(x[0]) for x in np.nonzero(big))
+            where = f"query {i}: " if many else ""
+            return Problem("OUT_OF_RANGE", f"{where}sample value {j} is {samples[i, j]:.3g}; samples must lie "
+                           f"within +-{MAX_ABS_VALUE:.0e}")
+    return None
+
+
+def _cut(text: object, limit: int = 100) -> object:
+    """What a sender wrote, cut for echoing in a message."""
+    return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
+
+
 @dataclass
 class _Shard:
     offset: int
@@ -384,37 +442,18 @@ class SearchIndex:
         return metric
 
     def check_queries(self, queries: npt.ArrayLike, metric: str, mode: str, k: int,
-                      threshold: float | None = None) -> F32:
-        """Validate once at the door; returns queries as float32 of shape (nq, dim)."""
-        self.check_metric(metric)
-        check_mode(mode)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
-            raise InvalidInputError(f"k must be an integer in 1..{self.max_k}, got {k!r}")
-        if threshold is not None and not np.isfinite(threshold):
-            raise InvalidInputError(f"threshold must be a finite number, got {threshold!r}")
+                      threshold: float | None = None, max_k: int | None = None) -> F32:
+        """Validate once at the door (the rules of :func:`query_problem`); returns queries as float32 of
+        shape (nq, dim), which :meth:`answer` then trusts."""
         try:
             q = np.asarray(queries, dtype=np.float32)
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"queries must be numeric arrays: {e}") from e
         q = q[None, :] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise InvalidInputError(f"query has {q.shape[-1] if q.ndim else 0} samples; this index expects "
-                                    f"{self.dim}")
-        bad = ~np.isfinite(q).all(axis=1)
-        if bad.any():
-            raise InvalidInputError(f"query {int(np.flatnonzero(bad)[0])} contains NaN or infinite values")
-        big = np.abs(q).max(axis=1) > MAX_ABS_VALUE
-        if big.any():
-            raise InvalidInputError(f"query {int(np.flatnonzero(big)[0])} has a sample beyond +-{MAX_ABS_VALUE:.0e}")
+        problem = query_problem(self, q, metric, mode, k, threshold, max_k)
+        if problem is not None:
+            raise _ERROR_OF_PROBLEM.get(problem.code, InvalidInputError)(problem.message)
         return q
-
-    def check_query(self, sample: npt.ArrayLike, metric: str, mode: str, k: int,
-                    threshold: float | None = None) -> F32:
-        """:meth:`check_queries` for one sample of shape (dim,)."""
-        sample = np.asarray(sample)
-        if sample.ndim != 1:
-            raise InvalidInputError(f"a sample must be one-dimensional, got shape {sample.shape}")
-        return self.check_queries(sample, metric, mode, k, threshold)[0]
 
     # ---- search --------------------------------------------------------------------------------
     def search(self, queries: npt.ArrayLike, metric: str, mode: str = "hkmeans", k: int = 10,
@@ -423,6 +462,12 @@ class SearchIndex:
         """Top-k matches per query, best first; rows below ``threshold`` are dropped (``threads``: see
         :meth:`search_arrays`)."""
         q = self.check_queries(queries, metric, mode, k, threshold)
+        return self.answer(q, metric, mode, k, threshold, params, threads)
+
+    def answer(self, q: F32, metric: str, mode: str, k: int, threshold: float | None = None,
+               params: SearchParams | None = None, threads: int = 1) -> list[list[Match]]:
+        """:meth:`search` for queries that already passed the door (:meth:`check_queries`, or the
+        service's decoder, which applies the same :func:`query_problem`): float32 of shape (nq, dim)."""
         idx, sc = self.search_arrays(q, metric, mode, k, params or SearchParams.for_metric(metric), threads)
         out = []
         for irow, srow in zip(idx, sc):

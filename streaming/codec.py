@@ -9,7 +9,6 @@ it can be read, the correlation id to address the error reply to.
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 from collections.abc import Sequence
@@ -22,9 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 import schemas
-from batch_index.corpus.files import MAX_ABS_VALUE
-from batch_index.engine.metrics import METRICS
-from batch_index.search import DEFAULT_MAX_K, MODES
+from batch_index.search import DEFAULT_MAX_K, query_problem
 
 DEFAULT_MAX_BYTES: Final[int] = 1 << 20  # 1 MiB: ~100x a 2,500-sample query
 MAX_CORRELATION_ID: Final[int] = 256
@@ -225,32 +222,11 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
         refusal = limits.reply_topic_refusal(reply_topic)
         if refusal is not None:
             return err(ErrorCode.BAD_REPLY_TOPIC, refusal, reply_topic=None)
-    if metric not in METRICS:
-        return err(ErrorCode.UNKNOWN_METRIC, f"unknown metric {_echo(metric, 100)!r}; expected one of "
-                   f"{', '.join(METRICS)}")
-    if metric not in index.metrics:
-        return err(ErrorCode.METRIC_NOT_INDEXED, f"metric {metric!r} is not in index {index.version} "
-                   f"(built for {', '.join(index.metrics)})")
-    if mode not in MODES:
-        return err(ErrorCode.UNKNOWN_MODE, f"unknown mode {_echo(mode, 100)!r}; expected one of {', '.join(MODES)}")
-    max_k = min(limits.max_k, index.max_k)
-    if not 1 <= k <= max_k:
-        return err(ErrorCode.BAD_K, f"k must be in 1..{max_k}, got {k}")
-    if thr is not None and not math.isfinite(thr):
-        return err(ErrorCode.BAD_THRESHOLD, f"threshold must be a finite number, got {thr}")
     sample = rec["sample"]
     sample = sample if isinstance(sample, np.ndarray) else np.asarray(sample, dtype=np.float32)
-    if sample.shape[0] != index.dim:
-        return err(ErrorCode.BAD_LENGTH, f"sample has {sample.shape[0]} values; index {index.version} "
-                   f"expects {index.dim}")
-    if not np.isfinite(sample).all():
-        bad = int(np.flatnonzero(~np.isfinite(sample))[0])
-        return err(ErrorCode.NON_FINITE, f"sample value {bad} is {sample[bad]}; NaN and infinity are not allowed")
-    magnitude = np.abs(sample)
-    if sample.size and magnitude.max() > MAX_ABS_VALUE:
-        bad = int(np.argmax(magnitude))
-        return err(ErrorCode.OUT_OF_RANGE, f"sample value {bad} is {sample[bad]:.3g}; samples must lie within "
-                   f"+-{MAX_ABS_VALUE:.0e}")
+    problem = query_problem(index, sample[None, :], metric, mode, k, thr, limits.max_k)  # the one rule set
+    if problem is not None:
+        return err(ErrorCode(problem.code), problem.message)
     return Query(cid, sample, metric, mode, int(k), None if thr is None else float(thr), reply_topic,
                  rec["sent_at"])
 

@@ -143,7 +143,7 @@ def answer_batch(records: Sequence[Record], index: SearchIndex, *, replies_topic
     for (metric, mode, k, threshold), queries in groups.items():
         stats.groups += 1
         try:
-            matches = index.search(np.stack([q.sample for q in queries]), metric, mode, k, threshold,
+            matches = index.answer(np.stack([q.sample for q in queries]), metric, mode, k, threshold,
                                    SearchParams.for_metric(metric, **(params or {})), threads)
         except Exception as e:  # a bug, not bad input: answer INTERNAL, keep serving
             logger.exception("scoring %d %s/%s queries failed with index %s", len(queries), metric, mode,

@@ -91,12 +91,6 @@ def scores(query: npt.ArrayLike, points: npt.ArrayLike, metric: str, *, max_lag:
     return 1.0 / (1.0 + np.abs(diff).sum(axis=1))
 
 
-def pairwise_scores(queries: npt.ArrayLike, points: npt.ArrayLike, metric: str) -> F64:
-    """Exact similarities of every query to every point: array of shape (n_queries, n_points)."""
-    q = np.atleast_2d(np.asarray(queries))
-    return np.stack([scores(row, points, metric) for row in q]) if len(q) else np.zeros((0, len(points)))
-
-
 def _fast_scores(queries: F32, points: F32, metric: str, point_sq_norms: F32 | None) -> npt.NDArray:
     """BLAS-backed approximate scores (float32) used only to preselect candidates; shape (nq, n)."""
     if metric == "manhattan":
