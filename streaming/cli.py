@@ -79,8 +79,9 @@ def config_flags(p: argparse.ArgumentParser, cls: type[Any]) -> None:
             continue
         convert = int if int in (kind, *typing.get_args(kind)) else str
         default = f.default if raw is None else convert(raw)
+        shown = "; default: %(default)s" if f.default not in (None, "") else ""  # else the help says it
         p.add_argument(flag, dest=f.name, type=convert, default=default, choices=meta.get("choices"),
-                       help=f"{meta['help']} (env {env}); default: %(default)s")
+                       help=f"{meta['help']} (env {env}){shown}")
 
 
 def config_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
