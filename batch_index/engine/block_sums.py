@@ -40,8 +40,3 @@ def block_sums(x: npt.ArrayLike, n_blocks: int) -> F32:
     """Sums of each run of samples: array of shape (n, n_blocks) for ``x`` of shape (n, d) (or (d,) -> (1, ...))."""
     a = np.atleast_2d(np.asarray(x, dtype=np.float32))
     return np.add.reduceat(a, block_starts(a.shape[1], n_blocks), axis=1, dtype=np.float64).astype(np.float32)
-
-
-def l1_lower_bound(query_sums: F32, point_sums: F32) -> F32:
-    """The bound for one query (shape (b,)) and points (shape (n, b)): shape (n,), never above the true L1."""
-    return np.abs(point_sums - query_sums).sum(axis=1)

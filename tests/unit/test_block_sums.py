@@ -11,7 +11,8 @@ import pytest
 
 from batch_index.build.shards import BuildConfig, build_index
 from batch_index.corpus.synthetic import SynthConfig, generate
-from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums, l1_lower_bound
+from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
+from batch_index.engine.rescore import approx_scores
 from batch_index.engine.metrics import scores
 from batch_index.errors import InvalidInputError
 from batch_index.search import SearchIndex, SearchParams
@@ -44,6 +45,13 @@ def test_blocks_cover_every_sample_once(dim: int, n_blocks: int, expected: list[
     assert block_starts(dim, n_blocks).tolist() == expected
     x = np.arange(dim, dtype=np.float32)[None, :]
     assert block_sums(x, n_blocks).sum() == pytest.approx(x.sum())
+
+
+def l1_lower_bound(query_sums: np.ndarray, point_sums: np.ndarray) -> np.ndarray:
+    """The bound as the search computes it: the compiled L1 of block sums that orders manhattan's candidates."""
+    rows = np.arange(len(point_sums), dtype=np.int64)[None, :]
+    no_norms = np.zeros(len(point_sums), np.float32)
+    return -approx_scores(query_sums[None, :], np.ascontiguousarray(point_sums), rows, no_norms, "manhattan")[0]
 
 
 def test_bound_never_exceeds_l1_and_is_tight_when_signs_agree_within_blocks(corpus, queries) -> None:
