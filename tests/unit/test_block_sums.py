@@ -12,8 +12,8 @@ import pytest
 from batch_index.build.shards import BuildConfig, build_index
 from batch_index.corpus.synthetic import SynthConfig, generate
 from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
-from batch_index.engine.rescore import approx_scores
 from batch_index.engine.metrics import scores
+from batch_index.engine.rescore import approx_scores
 from batch_index.errors import InvalidInputError
 from batch_index.search import SearchIndex, SearchParams
 
