@@ -107,11 +107,17 @@ class SearchParams:
 #: 0.988 to 0.951 (256: 0.978), so 256. Manhattan walks the euclidean graph, whose L2 neighbours are
 #: not its own: it needs a wider walk, and its block-sum order (``block_sums``) makes 128 re-scored
 #: enough (ef 1,024: recall@10 0.979-0.988 on both corpora; ef 512 / re-rank 512 in L2 order: 0.941).
+#: ``n_shards_probe``: content-partitioned indexes of 4*10^4 synthetic windows in 8 shards (64 k-means
+#: cells per shard), held-out noisy windows, two corpora (seed 0, where they were chosen / seed 3, the
+#: bench's, bench/results/routing): euclidean 4 of 8 reached recall@10 0.979 / 0.983, manhattan 4
+#: 0.984 / 0.978, cosine 5 0.976 / 0.953 (6: 0.984 / 0.969), dot 6 0.966 / 0.943 (7: 0.977 / 0.970):
+#: the defaults take the count that met 0.95 on both with a margin. A count, not a fraction: how it
+#: must grow with the number of shards is not measured yet.
 DEFAULT_PARAMS: Final[dict[str, SearchParams]] = {
-    "euclidean": SearchParams(ef=256, rerank=256),
-    "cosine": SearchParams(ef=384, rerank=256),
-    "manhattan": SearchParams(ef=1024, rerank=128),
-    "dot": SearchParams(ef=384, rerank=256),
+    "euclidean": SearchParams(ef=256, rerank=256, n_shards_probe=4),
+    "cosine": SearchParams(ef=384, rerank=256, n_shards_probe=6),
+    "manhattan": SearchParams(ef=1024, rerank=128, n_shards_probe=4),
+    "dot": SearchParams(ef=384, rerank=256, n_shards_probe=7),
     # shape: candidates from a spectral bound that ranks them loosely (10^5 synthetic: recall@10 0.50-0.56
     # at these settings, 0.61-0.67 at ef/rerank 256; bench/results/shape); zeuclidean: 0.96-0.98 at ef 512
     "shape": SearchParams(ef=128, rerank=128),
@@ -327,10 +333,14 @@ class SearchIndex:
             raise IndexFormatError("the shard partition does not match the manifest's shards or basis")
         return part
 
+    def routes(self, metric: str, n_shards_probe: int) -> bool:
+        """Whether ``metric``'s queries visit fewer than every shard (a content-partitioned index)."""
+        return self.partition is not None and metric in SPACE_OF_METRIC and \
+            0 < n_shards_probe < self.partition.n_shards
+
     def shard_routes(self, zq: F32, nq: F32, metric: str, n_shards_probe: int) -> npt.NDArray[np.int64] | None:
         """Shard numbers (of the whole index) each query visits, best first; None: every shard."""
-        if self.partition is None or n_shards_probe <= 0 or metric not in SPACE_OF_METRIC \
-                or n_shards_probe >= self.partition.n_shards:
+        if self.partition is None or not self.routes(metric, n_shards_probe):
             return None
         return self.partition.route(zq, nq, metric, n_shards_probe)
 

@@ -350,7 +350,8 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
     """Search every row of a Parquet query file on executors; results come back as one small table.
 
     ``by_shard`` pairs every query with every shard, so each task loads a single shard (an index too
-    big for one executor), and keeps the best ``k`` per query over all shards.
+    big for one executor), and keeps the best ``k`` per query over all shards. On a content-partitioned
+    index in hkmeans mode a query is paired only with the ``n_shards_probe`` shards it is routed to.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -360,7 +361,11 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
     df = df.select(ID_COL, SIGNAL_COL)
     path, version, dim = str(index.path.resolve()), index.version, index.dim
     n_shards = len(index.manifest["shards"])
-    if by_shard:
+    if by_shard and mode == "hkmeans" and index.partition is not None and index.routes(metric, params.n_shards_probe):
+        # each query goes only to the shards its routing picks (the driver's cells, shipped in the closure)
+        df = df.mapInArrow(_route_queries(index.transform, index.partition, metric, params.n_shards_probe, dim),
+                           "id string, signal array<float>, shard long").repartition(n_shards, "shard")
+    elif by_shard:
         df = df.crossJoin(spark.range(n_shards).withColumnRenamed("id", "shard")).repartition(n_shards, "shard")
     elif partitions:
         df = df.repartition(partitions)
@@ -380,6 +385,23 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
         out = out.withColumn("rank", F.row_number().over(best)).where(F.col("rank") <= k)
     with Progress(spark, "search"):
         return out.toArrow().cast(RESULT_SCHEMA).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def _route_queries(transform: ReferenceTransform, partition: Partition, metric: str, n_shards_probe: int, dim: int):
+    """``mapInArrow`` adapter: one (query, shard) row for each shard a query's routing visits."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            if not b.num_rows:
+                continue
+            routes = partition.route(*transform.apply(signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim)),
+                                     metric, n_shards_probe)
+            take = pa.array(np.repeat(np.arange(b.num_rows), routes.shape[1]))
+            yield pa.RecordBatch.from_arrays([b.column(ID_COL).take(take), b.column(SIGNAL_COL).take(take),
+                                              pa.array(routes.reshape(-1).astype(np.int64))],
+                                             names=[ID_COL, SIGNAL_COL, "shard"])
+
+    return run
 
 
 def results_batch(query_ids: list[str], matches) -> pa.RecordBatch:
