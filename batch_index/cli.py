@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s: 44 Hz of a 10-s window at 250 Hz)")
     b.add_argument("--shape-rank", type=_positive_int, default=_BUILD_DEFAULTS.shape_rank,
                    help="shape: PCA dimensions of the features the graph is walked in (default %(default)s)")
+    b.add_argument("--partitioning", choices=("kmeans", "rows"), default=_BUILD_DEFAULTS.partitioning,
+                   help="how a multi-shard build splits the corpus: kmeans by content (a query then searches "
+                        "only its nearest shards, search --n-shards-probe) or rows in input order (default "
+                        "%(default)s)")
+    b.add_argument("--cells-per-shard", type=_positive_int, default=_BUILD_DEFAULTS.cells_per_shard,
+                   help="kmeans partitioning: k-means cells per shard, what queries are routed by "
+                        "(default %(default)s)")
     b.add_argument("--seed", type=int, default=_BUILD_DEFAULTS.seed)
     b.add_argument("--sampling-rate", type=float, default=None, help="Hz, recorded in the manifest")
     b.add_argument("--engine", choices=("spark", "local"), default="spark",
@@ -154,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", type=_positive_int, default=None,
                    help="candidates re-scored exactly on raw signals (default: per metric, "
                         + _per_metric("rerank") + ")")
+    s.add_argument("--n-shards-probe", type=_non_negative_int, default=None,
+                   help="hkmeans on a content-partitioned index: shards searched per query, the nearest "
+                        "under the metric; 0 = every shard (default: per metric, " + _per_metric("n_shards_probe")
+                        + ")")
     s.add_argument("--route", choices=("centroid", "representative"), default=None,
                    help=f"hkmeans: steer the tree by node centroid or representative signal "
                         f"(default {_SEARCH_DEFAULTS.route})")
@@ -224,7 +235,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
                        kmeans=args.kmeans, graph_degree=args.graph_degree,
                        graph_cluster_size=args.graph_cluster_size, l1_blocks=args.l1_blocks,
                        shape_max_lag=args.shape_max_lag, shape_bins=args.shape_bins, shape_rank=args.shape_rank,
-                       seed=args.seed)
+                       partitioning=args.partitioning, cells_per_shard=args.cells_per_shard, seed=args.seed)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -254,7 +265,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from batch_index.search import SearchIndex
 
     params = SearchParams.for_metric(args.metric, n_probe=args.n_probe, ef=args.ef, rerank=args.rerank,
-                                     route=args.route)
+                                     route=args.route, n_shards_probe=args.n_shards_probe)
     index = SearchIndex.load(args.index)
     index.check_metric(args.metric)
     n_queries = pq.ParquetFile(args.queries).metadata.num_rows if Path(args.queries).is_file() else None

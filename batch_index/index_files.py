@@ -6,6 +6,8 @@ Layout::
       manifest.json                 format, version id, metrics, parameters, counts, checksums
       references.npy                (n_references, d) float32, the real reference signals
       basis.npy                     (d, r) float32, orthonormal basis of their span
+      partition.npz                 content-partitioned builds: fine cells in reference space and
+                                    the shard of each (manifest ``partition``), what routes queries
       shards/NNNNN/ids.parquet      ids (and labels) of the shard's signals, in row order
       shards/NNNNN/signals.npy      (n, d) float32 raw signals: exact re-ranking, memory-mapped
       shards/NNNNN/transform.npy    (n, r + 1) float32 reference coordinates
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 FORMAT: Final[str] = "ecg-similarity-index"
 FORMAT_VERSION: Final[int] = 1
 MANIFEST: Final[str] = "manifest.json"
+#: cells of a content-partitioned index and the shard of each (manifest ``partition``; indexes
+#: without one are searched shard by shard in full, as before)
+PARTITION_FILE: Final[str] = "partition.npz"
 
 
 def shard_dir(index_dir: Path, shard: int) -> Path:

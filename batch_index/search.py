@@ -41,6 +41,7 @@ from batch_index.corpus.files import MAX_ABS_VALUE
 from batch_index.engine.block_sums import block_sums
 from batch_index.engine.exact import QueryTerms, ShardBounds, pruned_top_k
 from batch_index.engine.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
+from batch_index.engine.partition import Partition
 from batch_index.engine.rescore import approx_scores, exact_scores
 from batch_index.engine.shape import SHAPE_METRICS
 from batch_index.engine.shape_index import ShapeSpaces
@@ -72,12 +73,16 @@ class SearchParams:
         an index with block sums, also the reference-space pool of ``transform`` mode
     rerank : candidates re-scored exactly on the raw signals (at least k); each costs d multiply-adds
     route : steer the tree descent by node ``centroid`` or by its ``representative`` real signal
+    n_shards_probe : on a content-partitioned index, shards searched per query (the nearest under the
+        query's metric, see ``partition``; the rest are skipped); 0: every shard. Indexes built
+        without a partition are always searched in full; ``exact`` always reads every shard
     """
 
     n_probe: int = 2
     ef: int = 128
     rerank: int = 128
     route: str = "centroid"
+    n_shards_probe: int = 0
 
     @classmethod
     def for_metric(cls, metric: str, **overrides: object) -> SearchParams:
@@ -89,6 +94,8 @@ class SearchParams:
         if self.n_probe < 1 or self.rerank < 1 or self.ef < 1:
             raise InvalidInputError(
                 f"n_probe, ef and rerank must be >= 1, got {self.n_probe}, {self.ef} and {self.rerank}")
+        if isinstance(self.n_shards_probe, bool) or self.n_shards_probe < 0:
+            raise InvalidInputError(f"n_shards_probe must be >= 0 (0: every shard), got {self.n_shards_probe!r}")
         if self.route not in ("centroid", "representative"):
             raise InvalidInputError(f"route must be 'centroid' or 'representative', got {self.route!r}")
 
@@ -100,11 +107,17 @@ class SearchParams:
 #: 0.988 to 0.951 (256: 0.978), so 256. Manhattan walks the euclidean graph, whose L2 neighbours are
 #: not its own: it needs a wider walk, and its block-sum order (``block_sums``) makes 128 re-scored
 #: enough (ef 1,024: recall@10 0.979-0.988 on both corpora; ef 512 / re-rank 512 in L2 order: 0.941).
+#: ``n_shards_probe``: content-partitioned indexes of 4*10^4 synthetic windows in 8 shards (64 k-means
+#: cells per shard), held-out noisy windows, two corpora (seed 0, where they were chosen / seed 3, the
+#: bench's, bench/results/routing): euclidean 4 of 8 reached recall@10 0.979 / 0.983, manhattan 4
+#: 0.984 / 0.978, cosine 5 0.976 / 0.953 (6: 0.984 / 0.969), dot 6 0.966 / 0.943 (7: 0.977 / 0.970):
+#: the defaults take the count that met 0.95 on both with a margin. A count, not a fraction: how it
+#: must grow with the number of shards is not measured yet.
 DEFAULT_PARAMS: Final[dict[str, SearchParams]] = {
-    "euclidean": SearchParams(ef=256, rerank=256),
-    "cosine": SearchParams(ef=384, rerank=256),
-    "manhattan": SearchParams(ef=1024, rerank=128),
-    "dot": SearchParams(ef=384, rerank=256),
+    "euclidean": SearchParams(ef=256, rerank=256, n_shards_probe=4),
+    "cosine": SearchParams(ef=384, rerank=256, n_shards_probe=6),
+    "manhattan": SearchParams(ef=1024, rerank=128, n_shards_probe=4),
+    "dot": SearchParams(ef=384, rerank=256, n_shards_probe=7),
     # shape: candidates from a spectral bound that ranks them loosely (10^5 synthetic: recall@10 0.50-0.56
     # at these settings, 0.61-0.67 at ef/rerank 256; bench/results/shape); zeuclidean: 0.96-0.98 at ef 512
     "shape": SearchParams(ef=128, rerank=128),
@@ -306,6 +319,8 @@ class SearchIndex:
         self.shards = shards
         self.max_k = max_k
         rows = {int(r["offset"]): int(r["shard"]) for r in manifest["shards"]}
+        self.shard_numbers = np.array([rows[s.offset] for s in shards], np.int64)
+        self.partition = self._load_partition(path, manifest)
         self.shape = ShapeSpaces.load(manifest, [shard_dir(path, rows[s.offset]) for s in shards],
                                       [s.offset for s in shards], [s.signals for s in shards],
                                       [s.z for s in shards], transform)
@@ -359,6 +374,42 @@ class SearchIndex:
                     sum(len(s.ids) for s in loaded), len(loaded), len(manifest["shards"]),
                     ",".join(manifest["metrics"]))
         return cls(root, manifest, transform, loaded, max_k)
+
+    @staticmethod
+    def _load_partition(path: Path, manifest: dict[str, Any]) -> Partition | None:
+        """The cells that route queries to shards; None for indexes built without (searched in full)."""
+        spec = manifest.get("partition")
+        if not spec:
+            return None
+        if spec.get("kind") != "kmeans" or spec.get("version") != 1:
+            raise IndexFormatError(f"shard partition {spec!r} is not supported by this release (rebuild the index)")
+        try:
+            part = Partition.from_bytes((path / spec["file"]).read_bytes())
+        except OSError as e:
+            raise IndexFormatError(f"cannot read the shard partition {spec['file']!r}: {e}") from e
+        if part.n_shards != len(manifest["shards"]) or part.cells.shape[1] != int(manifest["basis_rank"]) + 1:
+            raise IndexFormatError("the shard partition does not match the manifest's shards or basis")
+        return part
+
+    def routes(self, metric: str, n_shards_probe: int) -> bool:
+        """Whether ``metric``'s queries visit fewer than every shard (a content-partitioned index)."""
+        return self.partition is not None and metric in SPACE_OF_METRIC and \
+            0 < n_shards_probe < self.partition.n_shards
+
+    def shard_routes(self, zq: F32, nq: F32, metric: str, n_shards_probe: int) -> npt.NDArray[np.int64] | None:
+        """Shard numbers (of the whole index) each query visits, best first; None: every shard."""
+        if self.partition is None or not self.routes(metric, n_shards_probe):
+            return None
+        return self.partition.route(zq, nq, metric, n_shards_probe)
+
+    def _visits(self, zq: F32, nq: F32, metric: str, params: SearchParams) -> npt.NDArray[np.bool_] | None:
+        """(nq, loaded shards) whether each query searches each loaded shard; None: all of them."""
+        if len(self.shards) < len(self.manifest["shards"]):  # an executor's share: its caller routed
+            return None
+        routes = self.shard_routes(zq, nq, metric, params.n_shards_probe)
+        if routes is None:
+            return None
+        return (routes[:, :, None] == self.shard_numbers[None, None, :]).any(axis=1)
 
     def warm(self) -> SearchIndex:
         """Compute every space's points, norms and codes now, not in the first query of each metric.
@@ -501,11 +552,13 @@ class SearchIndex:
         with _blas_controller().limit(limits=1, user_api="blas"):
             zq, nq = self.transform.apply(q)
             aq = space_queries(zq, nq, SPACE_OF_METRIC[metric])
+            visit = self._visits(zq, nq, metric, params) if mode == "hkmeans" else None
             slices = _slices(len(q), threads)
             if len(slices) == 1:
-                return self._answer(q, aq, metric, mode, kk, params)
+                return self._answer(q, aq, metric, mode, kk, params, visit)
             parts = [f.result() for f in [_thread_pool(len(slices)).submit(
-                self._answer, q[lo:hi], aq[lo:hi], metric, mode, kk, params) for lo, hi in slices]]
+                self._answer, q[lo:hi], aq[lo:hi], metric, mode, kk, params,
+                None if visit is None else visit[lo:hi]) for lo, hi in slices]]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _shape_search(self, q: F32, metric: str, mode: str, k: int, params: SearchParams, threads: int
@@ -527,15 +580,16 @@ class SearchIndex:
         """The ``shape`` lag bound of this index in samples (0 when it does not serve ``shape``)."""
         return self.shape.max_lag
 
-    def _answer(self, q: F32, aq: F32, metric: str, mode: str, k: int, params: SearchParams
-                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """:meth:`search_arrays` of queries ``q`` (``aq`` in their metric's space), stage by stage over all of them."""
+    def _answer(self, q: F32, aq: F32, metric: str, mode: str, k: int, params: SearchParams,
+                visit: npt.NDArray[np.bool_] | None = None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """:meth:`search_arrays` of queries ``q`` (``aq`` in their metric's space), stage by stage over all of them
+        (``visit``: the loaded shards each query searches, see :meth:`_visits`; None: all)."""
         space = SPACE_OF_METRIC[metric]
         rerank = max(params.rerank, k)
         by_blocks = metric == "manhattan" and self.l1_blocks > 0
         # every candidate the walks keep goes to the block-sum order; transform keeps its ef nearest
         pool = (None if mode == "hkmeans" else max(params.ef, rerank)) if by_blocks else rerank
-        cand = self._candidates(aq, space, mode, params, pool)
+        cand = self._candidates(aq, space, mode, params, pool, visit)
         if by_blocks and cand.shape[1] > rerank:
             q_sums = block_sums(q, self.l1_blocks)
             near = self._per_shard(cand, lambda s, local: approx_scores(q_sums, s.l1, local, s.signal_sq_norms,
@@ -577,19 +631,28 @@ class SearchIndex:
         assert out is not None
         return out
 
-    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, keep: int | None
-                    ) -> npt.NDArray[np.int64]:
+    def _candidates(self, aq: F32, space: str, mode: str, params: SearchParams, keep: int | None,
+                    visit: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int64]:
         """Per query (row), sorted global rows: the ``keep`` nearest found in reference space (None: all the
-        walks found); -1 where fewer were found."""
+        walks found); -1 where fewer were found. ``visit`` (hkmeans): which shards each query walks."""
         if mode == "transform":
             return np.sort(self._transform_candidates(aq, space, keep or self.size), axis=1)
         cands, dists = [], []
-        for s in self.shards:
-            local, d = walk_many(s.codes(space), s.graphs[space], aq,
+        for j, s in enumerate(self.shards):
+            rows = None if visit is None else np.flatnonzero(visit[:, j])
+            if rows is not None and not rows.size:
+                continue
+            part = aq if rows is None else aq[rows]
+            local, d = walk_many(s.codes(space), s.graphs[space], part,
                                  s.trees[space].descent(s.space(space), params.n_probe, params.route), params.ef,
                                  s.visits())
-            cands.append(np.where(local >= 0, local + s.offset, -1))
-            dists.append(d - s.space_offset(space))
+            local, d = np.where(local >= 0, local + s.offset, -1), d - s.space_offset(space)
+            if rows is not None:  # the queries that skip this shard find nothing in it
+                full, full_d = np.full((len(aq), local.shape[1]), -1, np.int64), np.full((len(aq), d.shape[1]), np.inf)
+                full[rows], full_d[rows] = local, d
+                local, d = full, full_d
+            cands.append(local)
+            dists.append(d)
         cand, dist = (cands[0], dists[0]) if len(cands) == 1 else (np.hstack(cands), np.hstack(dists))
         if keep is not None and cand.shape[1] > keep:
             cand = np.take_along_axis(cand, np.argpartition(dist, keep - 1, axis=1)[:, :keep], 1)

@@ -1,5 +1,5 @@
 """``python -m bench``: recall (study 1), scaling (2), e2e (3), distributed (4), first-search (5), exact (6),
-shape (7), ucr; ``report`` re-renders study 1.
+shape (7), routing (8), ucr; ``report`` re-renders study 1.
 
 Results go to ``bench/results/<study>/`` (``--out``); corpora, indexes and other large intermediates to
 ``--workdir`` (env ``ECG_BENCH_WORKDIR``), which is never committed.
@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-builds", action="store_true",
                    help="keep indexes (and their build measurements) from an earlier run of this study")
 
+    rt = sub.add_parser("routing", help="study 8: recall and time vs shards probed on a content-partitioned index")
+    _common(rt, "routing")
+    rt.set_defaults(seed=3)  # another corpus than the defaults were chosen on
+    rt.add_argument("--n", type=int, default=40_000, help="corpus size (default %(default)s)")
+    rt.add_argument("--shards", type=int, default=8, help="shards built (default %(default)s)")
+    rt.add_argument("--cells-per-shard", type=int, default=None, help="k-means cells per shard (default: the build's)")
+    rt.add_argument("--queries", type=int, default=200)
+
     d = sub.add_parser("distributed", help="study 4: Spark build with local[1] vs local[2]")
     _common(d, "distributed")
     d.add_argument("--n", type=int, default=20_000, help="corpus size (default %(default)s)")
@@ -234,6 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reuse_builds=args.reuse_builds, seed=args.seed,
                 workdir=args.workdir, out=args.out),
                 _command(argv))
+            return 0
+        if args.study == "routing":
+            from bench import routing
+
+            rcfg = routing.RoutingConfig(n=args.n, shards=args.shards, n_queries=args.queries, seed=args.seed,
+                                         workdir=args.workdir, out=args.out)
+            if args.cells_per_shard:
+                rcfg = routing.replace(rcfg, cells_per_shard=args.cells_per_shard)
+            routing.run(rcfg, _command(argv))
             return 0
         if args.study == "distributed":
             from bench import distributed

@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from batch_index.engine.block_sums import DEFAULT_L1_BLOCKS, block_starts, block_sums
 from batch_index.engine.graph import build_graph
 from batch_index.engine.metrics import DEFAULT_METRICS, parse_metrics
+from batch_index.engine.partition import Partition, fit_partition
 from batch_index.engine.shape import check_max_lag, default_max_lag, fft_length
 from batch_index.engine.shape_index import build_shape_spaces
 from batch_index.engine.shape_index import spaces_of as shape_spaces_of
@@ -40,6 +41,7 @@ from batch_index.errors import InvalidInputError
 from batch_index.index_files import (
     FORMAT,
     FORMAT_VERSION,
+    PARTITION_FILE,
     ShardInfo,
     file_checksum,
     write_manifest,
@@ -48,6 +50,9 @@ from batch_index.index_files import (
 
 logger = logging.getLogger(__name__)
 
+#: how a multi-shard build splits the corpus: ``kmeans`` by content (queries then visit the nearest
+#: shards only, see ``partition``), ``rows`` in input order (every query visits every shard)
+PARTITIONINGS = ("kmeans", "rows")
 SHARD_ROWS = 131_072  # default signals per shard when a Spark build is not told how many partitions to use
 
 
@@ -70,6 +75,8 @@ class BuildConfig:
     shape_max_lag: int | None = None
     shape_bins: int = 512
     shape_rank: int = 64
+    partitioning: str = "kmeans"
+    cells_per_shard: int = 64  # k-means cells per shard; routing by 16 needed more shards probed
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +87,11 @@ class BuildConfig:
         if self.reference_method not in REFERENCE_METHODS:
             raise InvalidInputError(
                 f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}")
+        if self.partitioning not in PARTITIONINGS:
+            raise InvalidInputError(
+                f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}")
+        if self.cells_per_shard < 1:
+            raise InvalidInputError(f"cells_per_shard must be >= 1, got {self.cells_per_shard}")
         if self.kmeans not in KMEANS_KINDS:
             raise InvalidInputError(f"kmeans must be one of {KMEANS_KINDS}, got {self.kmeans!r}")
         if self.l1_blocks < 0:
@@ -163,14 +175,22 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
 
 
 def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[ShardInfo], cfg: BuildConfig,
-                 *, dim: int, sampling_rate: float | None, extra: dict[str, Any] | None = None) -> Path:
-    """Write references, basis and (last) the manifest with every file's checksum."""
+                 *, dim: int, sampling_rate: float | None, extra: dict[str, Any] | None = None,
+                 partition: Partition | None = None) -> Path:
+    """Write references, basis, the shard partition (content-partitioned builds) and (last) the manifest
+    with every file's checksum."""
     shards = sorted(shards, key=lambda s: s.shard)
     if [s.shard for s in shards] != list(range(len(shards))):
         raise InvalidInputError(f"shards must be numbered 0..n-1, got {[s.shard for s in shards]}")
     np.save(index_dir / "references.npy", transform.references)
     np.save(index_dir / "basis.npy", transform.basis)
-    files = {name: file_checksum(index_dir / name) for name in ("references.npy", "basis.npy")}
+    written = ["references.npy", "basis.npy"]
+    if partition is not None:
+        if partition.n_shards != len(shards):
+            raise InvalidInputError(f"the partition names {partition.n_shards} shards; {len(shards)} were built")
+        (index_dir / PARTITION_FILE).write_bytes(partition.to_bytes())
+        written.append(PARTITION_FILE)
+    files = {name: file_checksum(index_dir / name) for name in written}
     offset = 0
     shard_rows = []
     for s in shards:
@@ -195,6 +215,8 @@ def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[Sh
         "shards": shard_rows,
         "files": files,
         **_shape_manifest(cfg, dim),
+        **({"partition": {"kind": "kmeans", "version": 1, "file": PARTITION_FILE,
+                          "cells": len(partition.cells)}} if partition is not None else {}),
         **(extra or {}),
     }
     return write_manifest(index_dir, manifest)
@@ -240,7 +262,18 @@ def build_index(ids: list[str], signals: npt.ArrayLike, out_dir: str | Path, cfg
     rng = np.random.default_rng(cfg.seed)
     sample_rows = np.sort(rng.choice(x.shape[0], size=min(cfg.reference_sample, x.shape[0]), replace=False))
     transform = fit_transform(x[sample_rows], cfg)
-    bounds = np.linspace(0, x.shape[0], max(1, n_shards) + 1).astype(int)
-    infos = [build_shard(out, i, list(ids[a:b]), None if labels is None else list(labels[a:b]), x[a:b],
-                         transform, cfg) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
-    return finish_index(out, transform, infos, cfg, dim=x.shape[1], sampling_rate=sampling_rate).parent
+    partition = None
+    if n_shards > 1 and cfg.partitioning == "kmeans":
+        partition = fit_partition(transform.apply(x[sample_rows])[0], n_shards, cfg.cells_per_shard, cfg.seed)
+        shard_of = np.concatenate([partition.assign(transform.apply(x[lo:lo + 16384])[0])
+                                   for lo in range(0, x.shape[0], 16384)])
+        held = [int(s) for s in np.unique(shard_of)]  # a shard no signal went to is not built
+        partition = partition.renumbered(held)
+        groups = [np.flatnonzero(shard_of == s) for s in held]
+    else:
+        bounds = np.linspace(0, x.shape[0], max(1, n_shards) + 1).astype(int)
+        groups = [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
+    infos = [build_shard(out, i, [ids[r] for r in rows], None if labels is None else [labels[r] for r in rows],
+                         x[rows], transform, cfg) for i, rows in enumerate(groups)]
+    return finish_index(out, transform, infos, cfg, dim=x.shape[1], sampling_rate=sampling_rate,
+                        partition=partition).parent

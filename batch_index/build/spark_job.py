@@ -34,6 +34,7 @@ from batch_index.build.shards import (
 )
 from batch_index.corpus.files import ID_COL, LABEL_COL, SIGNAL_COL, signals_from_arrow
 from batch_index.corpus.synthetic import SynthConfig, generate_record_batches
+from batch_index.engine.partition import Partition, fit_partition
 from batch_index.engine.transform import ReferenceTransform
 from batch_index.errors import InvalidInputError
 from batch_index.index_files import ShardInfo, shard_dir
@@ -216,6 +217,21 @@ def _check_corpus(df, path: str, sample_size: int = 0, seed: int = 0
     return dim, total["rows"], signals_from_arrow(sample.column(SIGNAL_COL), expected_len=dim)
 
 
+_SHARD_COL = "_shard"
+
+
+def _assign_partition(partition: Partition, transform: ReferenceTransform, dim: int):
+    """``mapInArrow`` adapter: each row's shard under a content partition, appended as ``_shard``."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            shard = partition.assign(transform.apply(signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim))[0])
+            yield pa.RecordBatch.from_arrays([*b.columns, pa.array(shard.astype(np.int32))],
+                                             names=[*b.schema.names, _SHARD_COL])
+
+    return run
+
+
 _SHARD_ROW = pa.schema([("part", pa.int32()), ("info", pa.string())])
 
 
@@ -228,17 +244,25 @@ def _build_partition(out: str, transform: ReferenceTransform, cfg: BuildConfig, 
         part = TaskContext.get().partitionId()
         ids: list[str] = []
         labels: list[str] = []
-        blocks = []
+        blocks, shard_of = [], []
         for b in batches:
             ids.extend(b.column(ID_COL).to_pylist())
             if has_label:
                 labels.extend(b.column(LABEL_COL).to_pylist())
             blocks.append(signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim))
+            shard_of.append(b.column(_SHARD_COL).to_numpy() if _SHARD_COL in b.schema.names
+                            else np.full(b.num_rows, part))
         if not ids:
             return
-        info = build_shard(Path(out), part, ids, labels if has_label else None, np.concatenate(blocks),
-                           transform, cfg)
-        yield pa.RecordBatch.from_pylist([{"part": part, "info": json.dumps(asdict(info))}], schema=_SHARD_ROW)
+        x, shard_of = np.concatenate(blocks), np.concatenate(shard_of)
+        del blocks
+        # a range partition of the shard column holds one shard, but nothing promises it: build each
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            info = build_shard(Path(out), int(shard), [ids[r] for r in rows],
+                               [labels[r] for r in rows] if has_label else None, x[rows], transform, cfg)
+            yield pa.RecordBatch.from_pylist([{"part": int(shard), "info": json.dumps(asdict(info))}],
+                                             schema=_SHARD_ROW)
 
     return run
 
@@ -265,17 +289,28 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
     has_label = LABEL_COL in df.columns
     df = df.select(ID_COL, *([LABEL_COL] if has_label else []), SIGNAL_COL)
     partitions = partitions or -(-total // shard_rows)
-    if partitions != df.rdd.getNumPartitions():  # fewer: merge splits without shuffling the raw signals
+    by_content = partitions > 1 and cfg.partitioning == "kmeans"
+    if partitions != df.rdd.getNumPartitions() and not by_content:  # fewer: merge splits, no shuffle
         df = df.coalesce(partitions) if partitions < df.rdd.getNumPartitions() else df.repartition(partitions)
     transform = fit_transform(sample, cfg)
     logger.info("build: references fitted in %.1f s", time.monotonic() - t0)
+    partition = None
+    if by_content:  # by content: shuffle each row to its shard
+        partition = fit_partition(transform.apply(sample)[0], partitions, cfg.cells_per_shard, cfg.seed)
+        ddl = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in df.schema.fields) + f", {_SHARD_COL} int"
+        df = df.mapInArrow(_assign_partition(partition, transform, dim), ddl).repartitionByRange(
+            partitions, _SHARD_COL)
+        logger.info("build: %d shards by content, %d cells", partitions, len(partition.cells))
     bc = spark.sparkContext.broadcast(transform)
     runner = _build_partition(str(out), bc.value, cfg, dim, has_label)
     with Progress(spark, "build shards"):
         rows = df.mapInArrow(runner, "part int, info string").collect()
     bc.unpersist()
     infos = []
-    for new, row in enumerate(sorted(rows, key=lambda r: r["part"])):  # renumber shards 0..n-1
+    rows = sorted(rows, key=lambda r: r["part"])
+    if partition is not None:  # shards no row went to were not built
+        partition = partition.renumbered([int(r["part"]) for r in rows])
+    for new, row in enumerate(rows):  # renumber shards 0..n-1
         raw = json.loads(row["info"])
         old_dir, new_dir = shard_dir(out, raw["shard"]), shard_dir(out, new)
         if old_dir != new_dir:
@@ -283,7 +318,7 @@ def build(spark, input_path: str | Path, output: str | Path, cfg: BuildConfig, *
         files = {str((new_dir / Path(k).name).relative_to(out)): v for k, v in raw["files"].items()}
         infos.append(ShardInfo(shard=new, count=raw["count"], max_norm=raw["max_norm"], files=files))
     manifest = finish_index(out, transform, infos, cfg, dim=dim, sampling_rate=sampling_rate,
-                            extra={"source": str(input_path)})
+                            extra={"source": str(input_path)}, partition=partition)
     logger.info("build: %d signals in %d shards, %.1f s total -> %s", total, len(infos),
                 time.monotonic() - t0, out)
     return manifest.parent
@@ -315,7 +350,8 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
     """Search every row of a Parquet query file on executors; results come back as one small table.
 
     ``by_shard`` pairs every query with every shard, so each task loads a single shard (an index too
-    big for one executor), and keeps the best ``k`` per query over all shards.
+    big for one executor), and keeps the best ``k`` per query over all shards. On a content-partitioned
+    index in hkmeans mode a query is paired only with the ``n_shards_probe`` shards it is routed to.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -325,7 +361,11 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
     df = df.select(ID_COL, SIGNAL_COL)
     path, version, dim = str(index.path.resolve()), index.version, index.dim
     n_shards = len(index.manifest["shards"])
-    if by_shard:
+    if by_shard and mode == "hkmeans" and index.partition is not None and index.routes(metric, params.n_shards_probe):
+        # each query goes only to the shards its routing picks (the driver's cells, shipped in the closure)
+        df = df.mapInArrow(_route_queries(index.transform, index.partition, metric, params.n_shards_probe, dim),
+                           "id string, signal array<float>, shard long").repartition(n_shards, "shard")
+    elif by_shard:
         df = df.crossJoin(spark.range(n_shards).withColumnRenamed("id", "shard")).repartition(n_shards, "shard")
     elif partitions:
         df = df.repartition(partitions)
@@ -345,6 +385,23 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
         out = out.withColumn("rank", F.row_number().over(best)).where(F.col("rank") <= k)
     with Progress(spark, "search"):
         return out.toArrow().cast(RESULT_SCHEMA).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def _route_queries(transform: ReferenceTransform, partition: Partition, metric: str, n_shards_probe: int, dim: int):
+    """``mapInArrow`` adapter: one (query, shard) row for each shard a query's routing visits."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            if not b.num_rows:
+                continue
+            routes = partition.route(*transform.apply(signals_from_arrow(b.column(SIGNAL_COL), expected_len=dim)),
+                                     metric, n_shards_probe)
+            take = pa.array(np.repeat(np.arange(b.num_rows), routes.shape[1]))
+            yield pa.RecordBatch.from_arrays([b.column(ID_COL).take(take), b.column(SIGNAL_COL).take(take),
+                                              pa.array(routes.reshape(-1).astype(np.int64))],
+                                             names=[ID_COL, SIGNAL_COL, "shard"])
+
+    return run
 
 
 def results_batch(query_ids: list[str], matches) -> pa.RecordBatch:

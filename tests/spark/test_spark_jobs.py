@@ -105,6 +105,27 @@ def test_shard_by_shard_search_on_spark_equals_whole_index(spark, index: SearchI
     assert got == expected
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_routed_shard_by_shard_search_visits_only_the_routed_shard(spark, index: SearchIndex, tmp_path: Path,
+                                                                   metric: str) -> None:
+    """On the content-partitioned index, one shard probed: each query is paired with its routed shard only,
+    and the executors' answers (one shard loaded per task) are the local routed search's."""
+    qids, _, q = generate(90_000, 16, SYN)
+    write_corpus(tmp_path / "q.parquet", qids, q)
+    params = SearchParams.for_metric(metric, n_shards_probe=1)
+    assert index.partition is not None and index.routes(metric, 1)
+    table = spark_job.search(spark, index, tmp_path / "q.parquet", metric, "hkmeans", 5, None, params, by_shard=True)
+    local = index.search(q, metric, "hkmeans", 5, params=params)
+    expected = [(qid, m.rank, m.id) for qid, ms in sorted(zip(qids, local)) for m in ms]
+    got = list(zip(table.column("query_id").to_pylist(), table.column("rank").to_pylist(),
+                   table.column("id").to_pylist()))
+    assert got == expected
+    routes = index.shard_routes(*index.transform.apply(q), metric, 1)
+    shard_ids = [set(s.ids.tolist()) for s in index.shards]
+    found = {qid: {m.id for m in ms} for qid, ms in zip(qids, local)}
+    assert all(found[qid] <= shard_ids[int(r[0])] for qid, r in zip(qids, routes))
+
+
 def _write(path: Path, ids: list[str], signals: list[list[float]]) -> Path:
     import pyarrow as pa
 

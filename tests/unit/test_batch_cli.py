@@ -109,7 +109,7 @@ def test_build_flags_mirror_build_config() -> None:
     for f in fields(BuildConfig):
         flag = "--" + f.name.replace("_", "-")
         value = "cosine,dot" if f.name == "metrics" else "lloyd" if f.name == "kmeans" else (
-            "kmeans" if f.name == "reference_method" else "7")
+            "kmeans" if f.name == "reference_method" else "rows" if f.name == "partitioning" else "7")
         got = getattr(build_config(build_parser().parse_args([*base, flag, value])), f.name)
         assert got != getattr(BuildConfig(), f.name), f"{flag} {value} did not reach BuildConfig.{f.name}"
     with pytest.raises(SystemExit):

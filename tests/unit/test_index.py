@@ -97,7 +97,8 @@ def test_dot_ranks_candidates_across_shards_of_different_norms(corpus, queries, 
     ids, x = corpus
     x = x.copy()
     x[len(x) // 2:] *= 1.5  # the second shard's signals are larger: another max_norm
-    idx = SearchIndex.load(build_index(ids, x, tmp_path / "two", SMALL, n_shards=2))
+    # split by rows, so that the second shard is the larger signals (a content partition mixes them)
+    idx = SearchIndex.load(build_index(ids, x, tmp_path / "two", replace(SMALL, partitioning="rows"), n_shards=2))
     truth, _ = idx.search_arrays(queries, "dot", "exact", 10, SearchParams())
     got, _ = idx.search_arrays(queries, "dot", mode, 10, SearchParams.for_metric("dot", rerank=40))
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
