@@ -354,7 +354,8 @@ class ShapeSpaces:
         """
         out = np.full((len(q), keep), -1, np.int64)
         for lo in range(0, len(q), _SWEEP_QUERIES):
-            out[lo:lo + _SWEEP_QUERIES] = self._sweep_group(q[lo:lo + _SWEEP_QUERIES], keep)
+            got = self._sweep_group(q[lo:lo + _SWEEP_QUERIES], keep)  # fewer columns if fewer rows
+            out[lo:lo + len(got), :got.shape[1]] = got
         return out
 
     def _sweep_group(self, q: F32, keep: int) -> I64:
@@ -362,8 +363,9 @@ class ShapeSpaces:
         qspec = spectra(qz, self.nfft)
         fq = spectral_features(qz, self.nfft, self.bins)
         bounds = np.vstack([np.asarray(s.features) @ fq.T for s in self.shards]).T  # (nq, N), global rows
-        total = bounds.shape[1]
-        keep = min(keep, total)
+        keep = min(keep, bounds.shape[1])
+        if keep == 0:
+            return np.full((len(q), 0), -1, np.int64)
         seed = np.argpartition(-bounds, keep - 1, axis=1)[:, :keep]  # global rows (shards are contiguous)
         best_i = np.empty((len(q), keep), np.int64)
         best_s = np.empty((len(q), keep), np.float32)

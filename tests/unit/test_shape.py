@@ -174,6 +174,14 @@ def test_exact_shape_sweep_equals_brute_force_across_query_groups(shape_index: S
         np.testing.assert_allclose(s, truth[order], rtol=1e-9)
 
 
+def test_exact_shape_with_k_near_the_corpus_size_returns_every_row(shape_index: SearchIndex, ecg: np.ndarray) -> None:
+    got, sc = shape_index.search_arrays(ecg[:2], "shape", "exact", 395, SearchParams.for_metric("shape"))
+    for q, rows, s in zip(ecg[:2], got, sc):
+        truth = scores(q, ecg, "shape", max_lag=60)
+        np.testing.assert_allclose(s, np.sort(truth)[::-1][:395], rtol=1e-9)
+        assert len(set(rows.tolist())) == 395
+
+
 @pytest.mark.parametrize("metric", ["shape", "zeuclidean"])
 @pytest.mark.parametrize("mode", ["transform", "hkmeans"])
 def test_approximate_modes_find_shifted_copies_and_most_of_exact(shape_index: SearchIndex, ecg: np.ndarray,
