@@ -23,7 +23,6 @@ Files per shard (float32, checksummed like the rest): ``shape-features.npy`` (n,
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,7 +59,9 @@ I64 = npt.NDArray[np.int64]
 #: rows z-normalised and transformed at once while building (bounds the float64 temporaries)
 _BUILD_BLOCK: Final[int] = 8192
 #: rows scored per step of exact mode's bound-ordered sweep
-_SWEEP_BLOCK: Final[int] = 512
+_SWEEP_BLOCK: Final[int] = 1024
+#: queries of exact mode's sweep sharing each row's FFT (bounds their (queries, rows) arrays)
+_SWEEP_QUERIES: Final[int] = 32
 #: slack on the spectral bound for float32 rounding (features and NCC are unit-scale)
 _BOUND_SLACK: Final[float] = 1e-4
 #: features sampled per shard to fit its PCA
@@ -343,32 +344,59 @@ class ShapeSpaces:
         return np.hstack(cands)
 
     def _bounded_sweep(self, q: F32, keep: int) -> I64:
-        """Per query the ``keep`` rows of highest float32 NCC, visiting rows in the order of the spectral
-        bound and stopping where the bound of the rest falls below the ``keep``-th score found."""
+        """Per query the ``keep`` rows of highest float32 NCC: every row whose spectral bound can reach
+        the query's running ``keep``-th score is scored, every other row is skipped (it cannot enter).
+
+        Queries go in groups sharing each row's FFT: the group's thresholds are seeded by scoring each
+        query's ``keep`` rows of highest bound, then the shards are read in row order, block by block,
+        each block's spectra computed once and multiplied by the spectra of the queries that still need
+        those rows (one inverse FFT per query and needed row: the cost that remains).
+        """
         out = np.full((len(q), keep), -1, np.int64)
-        qf32 = znormalise(q, np.float32)
-        fq = spectral_features(qf32, self.nfft, self.bins)
-        bounds = np.vstack([np.asarray(s.features) @ fq.T for s in self.shards]).T  # (nq, n)
-        offsets = np.concatenate([np.full(len(s.signals), s.offset) + np.arange(len(s.signals))
-                                  for s in self.shards])
-        qspec = spectra(qf32, self.nfft)
-        for i in range(len(q)):
-            order = np.argsort(-bounds[i], kind="stable")
-            heap: list[tuple[float, int]] = []
-            for lo in range(0, len(order), _SWEEP_BLOCK):
-                if len(heap) >= keep and bounds[i, order[lo]] + _BOUND_SLACK < heap[0][0]:
-                    break
-                rows = np.sort(offsets[order[lo:lo + _SWEEP_BLOCK]])
-                xz = znormalise(self._gather(rows), np.float32)
-                sc, _ = best_lags(qspec[i:i + 1], spectra(xz, self.nfft), self.nfft, self.max_lag)
-                for r, v in zip(rows, sc):
-                    if len(heap) < keep:
-                        heapq.heappush(heap, (float(v), int(r)))
-                    elif v > heap[0][0]:
-                        heapq.heapreplace(heap, (float(v), int(r)))
-            got = np.array([r for _, r in heap], np.int64)
-            out[i, :len(got)] = got
+        for lo in range(0, len(q), _SWEEP_QUERIES):
+            got = self._sweep_group(q[lo:lo + _SWEEP_QUERIES], keep)  # fewer columns if fewer rows
+            out[lo:lo + len(got), :got.shape[1]] = got
         return out
+
+    def _sweep_group(self, q: F32, keep: int) -> I64:
+        qz = znormalise(q, np.float32)
+        qspec = spectra(qz, self.nfft)
+        fq = spectral_features(qz, self.nfft, self.bins)
+        bounds = np.vstack([np.asarray(s.features) @ fq.T for s in self.shards]).T  # (nq, N), global rows
+        keep = min(keep, bounds.shape[1])
+        if keep == 0:
+            return np.full((len(q), 0), -1, np.int64)
+        seed = np.argpartition(-bounds, keep - 1, axis=1)[:, :keep]  # global rows (shards are contiguous)
+        best_i = np.empty((len(q), keep), np.int64)
+        best_s = np.empty((len(q), keep), np.float32)
+        for i, rows in enumerate(seed):
+            rows = np.sort(rows)
+            sc, _ = best_lags(qspec[i:i + 1], spectra(znormalise(self._gather(rows), np.float32), self.nfft),
+                              self.nfft, self.max_lag)
+            best_i[i], best_s[i] = rows, sc
+        seen = np.zeros(bounds.shape, dtype=bool)
+        np.put_along_axis(seen, seed, True, axis=1)
+        floor = best_s.min(axis=1)
+        for s in self.shards:
+            for lo in range(0, len(s.signals), _SWEEP_BLOCK):
+                hi = min(lo + _SWEEP_BLOCK, len(s.signals))
+                g = slice(s.offset + lo, s.offset + hi)
+                need = (bounds[:, g] + _BOUND_SLACK >= floor[:, None]) & ~seen[:, g]
+                if not need.any():
+                    continue
+                rows = np.flatnonzero(need.any(axis=0))
+                xs = spectra(znormalise(np.asarray(s.signals[lo + rows], np.float32), np.float32), self.nfft)
+                for i in np.flatnonzero(need[:, rows].any(axis=1)):
+                    mine = need[i, rows]
+                    sc, _ = best_lags(qspec[i:i + 1], xs[mine], self.nfft, self.max_lag)
+                    if not (sc > floor[i]).any():
+                        continue
+                    cat_s = np.concatenate([best_s[i], sc])
+                    cat_i = np.concatenate([best_i[i], rows[mine] + s.offset + lo])
+                    top = np.argpartition(-cat_s, keep - 1)[:keep]
+                    best_s[i], best_i[i] = cat_s[top], cat_i[top]
+                    floor[i] = best_s[i].min()
+        return best_i
 
 
 def _apply(basis: F32, feats: npt.NDArray) -> F32:

@@ -162,6 +162,26 @@ def test_exact_mode_is_brute_force(shape_index: SearchIndex, ecg: np.ndarray, me
         np.testing.assert_allclose([m.score for m in matches], truth[order], rtol=1e-9)
 
 
+def test_exact_shape_sweep_equals_brute_force_across_query_groups(shape_index: SearchIndex, ecg: np.ndarray) -> None:
+    """40 queries span two groups of the sweep; the shifted copies' high scores let the bound prune."""
+    long = np.hstack([ecg[:20], ecg[1:21]])
+    queries = np.vstack([long[:, 25:525], generate(70_000, 20, SYN)[2]])
+    got, sc = shape_index.search_arrays(queries, "shape", "exact", 5, SearchParams.for_metric("shape"))
+    for q, rows, s in zip(queries, got, sc):
+        truth = scores(q, ecg, "shape", max_lag=60)
+        order = np.argsort(-truth, kind="stable")[:5]
+        np.testing.assert_array_equal(rows, order)
+        np.testing.assert_allclose(s, truth[order], rtol=1e-9)
+
+
+def test_exact_shape_with_k_near_the_corpus_size_returns_every_row(shape_index: SearchIndex, ecg: np.ndarray) -> None:
+    got, sc = shape_index.search_arrays(ecg[:2], "shape", "exact", 395, SearchParams.for_metric("shape"))
+    for q, rows, s in zip(ecg[:2], got, sc):
+        truth = scores(q, ecg, "shape", max_lag=60)
+        np.testing.assert_allclose(s, np.sort(truth)[::-1][:395], rtol=1e-9)
+        assert len(set(rows.tolist())) == 395
+
+
 @pytest.mark.parametrize("metric", ["shape", "zeuclidean"])
 @pytest.mark.parametrize("mode", ["transform", "hkmeans"])
 def test_approximate_modes_find_shifted_copies_and_most_of_exact(shape_index: SearchIndex, ecg: np.ndarray,
