@@ -214,6 +214,8 @@ MIN_QUERIES_PER_THREAD: Final[int] = 8
 def _slices(n: int, threads: int) -> list[tuple[int, int]]:
     """``(lo, hi)`` ranges of ``n`` queries, one per thread, each of at least ``MIN_QUERIES_PER_THREAD``."""
     parts = max(1, min(threads, n // MIN_QUERIES_PER_THREAD))
+    if parts == 1:  # one query a call (a server's usual case): np.linspace took ~40 us of a ~2 ms query
+        return [(0, n)]
     bounds = np.linspace(0, n, parts + 1).astype(int)
     return [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
 
