@@ -12,6 +12,7 @@ import pytest
 from batch_index.build.shards import BuildConfig, build_index
 from batch_index.corpus.synthetic import SynthConfig, generate
 from batch_index.engine.metrics import DEFAULT_METRICS, METRICS, scores
+from batch_index.engine.transform import space_queries
 from batch_index.engine.tree import KMeansTree
 from batch_index.errors import IndexFormatError, InvalidInputError, MetricNotIndexedError, UnknownMetricError
 from batch_index.index_files import file_checksum
@@ -248,3 +249,34 @@ def test_shard_by_shard_search_merges_to_the_whole(index_dir: Path, index: Searc
             assert [m.id for m in merged] == [m.id for m in w]
     with pytest.raises(InvalidInputError, match="shard\\(s\\) \\[7\\] not in this index of 2"):
         SearchIndex.load(index_dir, shards=[7])
+
+
+def test_dot_widens_queries_the_basis_explains_poorly(index: SearchIndex, queries) -> None:
+    """Queries with much the basis cannot explain take the cosine walk's candidates too: every dot-walk
+    candidate kept, no row twice, other queries untouched, and the answer still exact-scored and good."""
+    rng = np.random.default_rng(3)
+    q = (queries + rng.normal(0.0, 1.0, queries.shape) * queries.std(axis=1, keepdims=True)).astype(np.float32)
+    q[: len(q) // 2] = queries[: len(q) // 2]  # half as they are: most of them are explained well
+    z, n = index.transform.apply(q)
+    aq = space_queries(z, n, "dot")
+    params = SearchParams.for_metric("dot")
+    narrow = index._candidates(aq, "dot", "hkmeans", params, None)
+    wide = index._dot_candidates(aq, narrow, params)
+    widened = z[:, -1] / n > max(s.residual_p95 for s in index.shards)
+    assert widened.any() and not widened.all()
+    for r in range(len(q)):
+        mine, walk = wide[r][wide[r] >= 0], set(narrow[r][narrow[r] >= 0].tolist())
+        assert len(set(mine.tolist())) == len(mine), f"query {r} has a candidate twice"
+        assert walk <= set(mine.tolist())
+        if not widened[r]:
+            assert set(mine.tolist()) == walk
+    truth, _ = index.search_arrays(q, "dot", "exact", 10, SearchParams())
+    got, got_scores = index.search_arrays(q, "dot", "hkmeans", 10, params)
+    assert all(len(set(row.tolist())) == len(row) for row in got)
+    np.testing.assert_allclose(got_scores, scores_of(index, q, got), rtol=1e-9)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    assert recall >= RECALL_FLOOR, f"hkmeans/dot recall@10 with poorly explained queries = {recall:.3f}"
+
+
+def scores_of(index: SearchIndex, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.vstack([scores(q[i], index.signals_of(rows[i]), "dot") for i in range(len(q))])
