@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 from sklearn.cluster import MiniBatchKMeans
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,40 @@ def _knn_block(points: F32, rows: npt.NDArray[np.int64], m: int, block_bytes: in
     step = max(1, block_bytes // (4 * n))
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        d = x[lo:hi] @ x.T  # ranked by |x_j|^2 - 2 <x_i, x_j>, built in place: this loop is the build's cost
-        d *= -2.0
-        d += sq[None, :]
-        d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
-        part = np.argpartition(d, m - 1, axis=1)[:, :m]
+        # ranked by |x_j|^2 - 2 <x_i, x_j>; this loop is the build's cost: the GEMM, then one compiled pass
+        # that keeps each row's m best (measured at 2*10^4 x 2,500: the former in-place scaling and
+        # argpartition took ~60% of the graph build, more than the GEMM)
+        part, best = _row_top_m(x[lo:hi] @ x.T, sq, lo, m)
         nbr[lo:hi] = rows[part]
-        best = np.take_along_axis(d, part, axis=1)
         nd[lo:hi] = best / 2.0 if inner_product else np.maximum(best + sq[lo:hi, None], 0.0)
     return nbr, nd
+
+
+@njit(cache=True, nogil=True)
+def _row_top_m(dots: F32, sq: F32, first: int, m: int) -> tuple[npt.NDArray[np.int64], F32]:
+    """Per row ``i`` of ``dots`` (row ``first + i`` of the block), the ``m`` columns ``j != first + i`` of
+    smallest ``sq[j] - 2 dots[i, j]``, with those values (any order; ties to the lower column)."""
+    rows, cols = dots.shape
+    out_j = np.empty((rows, m), np.int64)
+    out_d = np.empty((rows, m), np.float32)
+    for i in range(rows):
+        bd = np.full(m, np.inf, np.float32)  # sorted ascending, bd[m - 1] the threshold
+        bj = np.full(m, -1, np.int64)
+        worst = np.float32(np.inf)
+        for j in range(cols):
+            v = sq[j] - np.float32(2.0) * dots[i, j]
+            if v < worst and j != first + i:
+                k = m - 1
+                while k > 0 and bd[k - 1] > v:
+                    bd[k] = bd[k - 1]
+                    bj[k] = bj[k - 1]
+                    k -= 1
+                bd[k] = v
+                bj[k] = j
+                worst = bd[m - 1]
+        out_j[i] = bj
+        out_d[i] = bd
+    return out_j, out_d
 
 
 def build_graph(points: F32, *, degree: int = 16, cluster_size: int = 4096, spill: int = 2, seed: int = 0,

@@ -170,3 +170,15 @@ def test_ucr_study_reads_the_tsv_layout_and_shape_sees_through_phase(tmp_path):
     assert "ToyPulses" in (tmp_path / "out" / "UCR.md").read_text()
     assert main(["ucr", "--ucr-dir", str(tmp_path / "ucr"), "--datasets", "ECG200", "--out",
                  str(tmp_path / "out")]) == 1  # missing set: one clear error line, no traceback
+
+
+def test_routing_study_writes_its_table(tmp_path):
+    from bench import routing
+
+    cfg = routing.RoutingConfig(n=900, shards=2, cells_per_shard=4, n_queries=6, metrics=("cosine", "dot"),
+                                workdir=tmp_path / "w", out=tmp_path / "out")
+    out = routing.run(cfg, "pytest")
+    rows = (out / "routing.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2  # header, then every probe count of every metric
+    md = (out / "README.md").read_text()
+    assert "| cosine | 2 |" in md and "time vs all shards" in md
