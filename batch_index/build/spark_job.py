@@ -379,7 +379,8 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
                 rows = b.filter(pa.array(shard_ids == shard)) if by_shard else b
                 idx = cached_index(path, version, int(shard) if by_shard else None)
                 q = signals_from_arrow(rows.column(SIGNAL_COL), expected_len=dim)
-                batch = results_batch(rows.column(ID_COL).to_pylist(), idx.search(q, metric, mode, k, threshold, params))
+                matches = idx.search(q, metric, mode, k, threshold, params)
+                batch = results_batch(rows.column(ID_COL).to_pylist(), matches)
                 yield _with_diagnostics(batch, int(shard), idx) if diagnostics else batch
 
     schema = RESULT_SCHEMA if not diagnostics else pa.schema([*RESULT_SCHEMA, *DIAGNOSTIC_COLUMNS])
