@@ -346,12 +346,14 @@ def cached_index(path: str, version: str, shard: int | None = None) -> SearchInd
 
 def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mode: str, k: int,
            threshold: float | None, params: SearchParams, partitions: int | None = None,
-           by_shard: bool = False) -> pa.Table:
+           by_shard: bool = False, diagnostics: bool = False) -> pa.Table:
     """Search every row of a Parquet query file on executors; results come back as one small table.
 
     ``by_shard`` pairs every query with every shard, so each task loads a single shard (an index too
     big for one executor), and keeps the best ``k`` per query over all shards. On a content-partitioned
     index in hkmeans mode a query is paired only with the ``n_shards_probe`` shards it is routed to.
+    ``diagnostics`` adds, per match, where it was computed (``DIAGNOSTIC_COLUMNS``), so a test on a real
+    cluster can see which executor searched which shard and which shard files it held; off by default.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -377,14 +379,36 @@ def search(spark, index: SearchIndex, queries_path: str | Path, metric: str, mod
                 rows = b.filter(pa.array(shard_ids == shard)) if by_shard else b
                 idx = cached_index(path, version, int(shard) if by_shard else None)
                 q = signals_from_arrow(rows.column(SIGNAL_COL), expected_len=dim)
-                yield results_batch(rows.column(ID_COL).to_pylist(), idx.search(q, metric, mode, k, threshold, params))
+                matches = idx.search(q, metric, mode, k, threshold, params)
+                batch = results_batch(rows.column(ID_COL).to_pylist(), matches)
+                yield _with_diagnostics(batch, int(shard), idx) if diagnostics else batch
 
-    out = df.mapInArrow(run, "query_id string, rank int, id string, score double")
+    schema = RESULT_SCHEMA if not diagnostics else pa.schema([*RESULT_SCHEMA, *DIAGNOSTIC_COLUMNS])
+    out = df.mapInArrow(run, ", ".join(f"{f.name} {_DDL[f.type]}" for f in schema))
     if by_shard:
         best = Window.partitionBy("query_id").orderBy(F.desc("score"), F.asc("id"))
         out = out.withColumn("rank", F.row_number().over(best)).where(F.col("rank") <= k)
     with Progress(spark, "search"):
-        return out.toArrow().cast(RESULT_SCHEMA).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        return out.toArrow().cast(schema).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+#: ``search(..., diagnostics=True)`` extra columns: the shard a task was given, the task's executor
+#: (host and working directory: a standalone executor runs in ``work/<app>/<executor id>``), its Python
+#: worker's pid, and the shard directories whose signals that worker's cached index holds memory-mapped
+DIAGNOSTIC_COLUMNS = [pa.field("shard", pa.int64()), pa.field("executor", pa.string()),
+                      pa.field("pid", pa.int64()), pa.field("mapped", pa.string())]
+_DDL = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.float64(): "double"}
+
+
+def _with_diagnostics(batch: pa.RecordBatch, shard: int, idx: SearchIndex) -> pa.RecordBatch:
+    import socket
+
+    mapped = ",".join(sorted(Path(s.signals.filename).parent.name if isinstance(s.signals, np.memmap) else "in-memory"
+                             for s in idx.shards))
+    n = batch.num_rows
+    extra = [pa.array([shard] * n, pa.int64()), pa.array([f"{socket.gethostname()}:{Path.cwd()}"] * n),
+             pa.array([os.getpid()] * n, pa.int64()), pa.array([mapped] * n)]
+    return pa.RecordBatch.from_arrays([*batch.columns, *extra], schema=pa.schema([*batch.schema, *DIAGNOSTIC_COLUMNS]))
 
 
 def _route_queries(transform: ReferenceTransform, partition: Partition, metric: str, n_shards_probe: int, dim: int):
