@@ -261,12 +261,6 @@ class ShapeSpaces:
             cand = np.take_along_axis(cand, np.argpartition(dist, keep - 1, axis=1)[:, :keep], 1)
         return cand
 
-    def _shard_of(self, row: int) -> _ShapeShard:
-        for s in reversed(self.shards):
-            if row >= s.offset:
-                return s
-        raise IndexError(row)
-
     def _gather(self, rows: I64) -> F32:
         """Raw signals of global ``rows`` (any order), read from the shards' memory maps in row order."""
         order = np.argsort(rows, kind="stable")
