@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -82,21 +83,35 @@ class Partition:
         served from the euclidean space); cosine: the best cosine to a cell's centroid; dot: the best
         upper bound ``<q, c> + |q| r`` of a cell's members' inner product.
         """
-        c = self.cells
-        dots = zq @ c.T
+        dots = zq @ self.cells.T
         if metric in ("euclidean", "manhattan"):
-            cell = 2.0 * dots - np.einsum("ij,ij->i", c, c)[None, :]
+            cell = 2.0 * dots - self._cell_sq_norms[None, :]
         elif metric == "cosine":
-            cell = dots / np.maximum(np.linalg.norm(c, axis=1), 1e-12)[None, :]
+            cell = dots / np.maximum(self._cell_norms, 1e-12)[None, :]
         elif metric == "dot":
             cell = dots + nq[:, None] * self.radius[None, :]
         else:
             raise InvalidInputError(f"shards cannot be routed for metric {metric!r}")
         out = np.full((len(zq), self.n_shards), -np.inf, np.float32)
-        order = np.argsort(self.cell_shard, kind="stable")
-        shards, starts = np.unique(self.cell_shard[order], return_index=True)
+        order, shards, starts = self._cells_by_shard
         out[:, shards] = np.maximum.reduceat(cell[:, order], starts, axis=1)
         return out
+
+    # what every routed query needs of the cells, derived once (a server routes one query per call)
+    @cached_property
+    def _cell_sq_norms(self) -> F32:
+        return np.einsum("ij,ij->i", self.cells, self.cells)
+
+    @cached_property
+    def _cell_norms(self) -> F32:
+        return np.linalg.norm(self.cells, axis=1)
+
+    @cached_property
+    def _cells_by_shard(self) -> tuple[I64, I64, I64]:
+        """The cells in shard order, the shards that have cells, and where each one's cells start."""
+        order = np.argsort(self.cell_shard, kind="stable")
+        shards, starts = np.unique(self.cell_shard[order], return_index=True)
+        return order, shards, starts
 
     def route(self, zq: F32, nq: F32, metric: str, n_probe: int) -> I64:
         """(nq, min(n_probe, n_shards)) the shards each query visits, best first."""
