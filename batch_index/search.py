@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 MODES: Final[tuple[str, ...]] = ("exact", "transform", "hkmeans")
 DEFAULT_MAX_K: Final[int] = 1000
 F32 = npt.NDArray[np.float32]
+_T = TypeVar("_T")
 
 
 class Match(NamedTuple):
@@ -125,12 +126,6 @@ DEFAULT_PARAMS: Final[dict[str, SearchParams]] = {
 }
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise UnknownMetricError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    return mode
-
-
 class Problem(NamedTuple):
     """Why a query is refused: ``code`` is the service's ``error_code`` (``streaming.codec.ErrorCode``)."""
 
@@ -151,13 +146,11 @@ def query_problem(index: Any, samples: npt.NDArray[np.floating], metric: str, mo
 
     ``index`` needs ``dim``, ``metrics``, ``max_k`` and ``version``; ``max_k`` lowers the index's own.
     """
-    if metric not in METRICS:
-        return Problem("UNKNOWN_METRIC", f"unknown metric {_cut(metric)!r}; expected one of {', '.join(METRICS)}")
-    if metric not in index.metrics:
-        return Problem("METRIC_NOT_INDEXED", f"metric {metric!r} is not in this index (built for "
-                       f"{', '.join(index.metrics)}): version {index.version}")
+    problem = _metric_problem(index, metric)
+    if problem is not None:
+        return problem
     if mode not in MODES:
-        return Problem("UNKNOWN_MODE", f"unknown mode {_cut(mode)!r}; expected one of {', '.join(MODES)}")
+        return Problem("UNKNOWN_MODE", f"unknown mode {echo(mode)!r}; expected one of {', '.join(MODES)}")
     limit = index.max_k if max_k is None else min(max_k, index.max_k)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
         return Problem("BAD_K", f"k must be an integer in 1..{limit}, got {k!r}")
@@ -184,9 +177,22 @@ def query_problem(index: Any, samples: npt.NDArray[np.floating], metric: str, mo
     return None
 
 
-def _cut(text: object, limit: int = 100) -> object:
-    """What a sender wrote, cut for echoing in a message."""
-    return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
+def _metric_problem(index: Any, metric: str) -> Problem | None:
+    """The metric's part of :func:`query_problem`: known at all, and served by this index."""
+    if metric not in METRICS:
+        return Problem("UNKNOWN_METRIC", f"unknown metric {echo(metric)!r}; expected one of {', '.join(METRICS)}")
+    if metric not in index.metrics:
+        return Problem("METRIC_NOT_INDEXED", f"metric {metric!r} is not in this index (built for "
+                       f"{', '.join(index.metrics)}): version {index.version}")
+    return None
+
+
+def echo(text: _T, limit: int = 100) -> _T:
+    """What a sender wrote, cut to ``limit`` characters (marked with an ellipsis) for echoing in a message
+    or a reply: an answer must stay small whatever the query held. Anything but a long string is kept."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    return cast(_T, text[:limit - 1] + "\u2026")
 
 
 @dataclass
@@ -407,8 +413,9 @@ class SearchIndex:
 
     def shard_routes(self, zq: F32, nq: F32, metric: str, n_shards_probe: int) -> npt.NDArray[np.int64] | None:
         """Shard numbers (of the whole index) each query visits, best first; None: every shard."""
-        if self.partition is None or not self.routes(metric, n_shards_probe):
+        if not self.routes(metric, n_shards_probe):
             return None
+        assert self.partition is not None  # routes() holds only with one
         return self.partition.route(zq, nq, metric, n_shards_probe)
 
     def _visits(self, zq: F32, nq: F32, metric: str, params: SearchParams) -> npt.NDArray[np.bool_] | None:
@@ -495,10 +502,10 @@ class SearchIndex:
         return [str(self.shards[w].ids[r - self.shards[w].offset]) for w, r in zip(where, rows)]
 
     def check_metric(self, metric: str) -> str:
-        check_metric(metric)
-        if metric not in self.metrics:
-            raise MetricNotIndexedError(
-                f"metric {metric!r} is not in this index (built for {', '.join(self.metrics)})")
+        """:func:`query_problem`'s metric rules alone (a search whose queries are read elsewhere, on Spark)."""
+        problem = _metric_problem(self, metric)
+        if problem is not None:
+            raise _ERROR_OF_PROBLEM[problem.code](problem.message)
         return metric
 
     def check_queries(self, queries: npt.ArrayLike, metric: str, mode: str, k: int,
@@ -763,4 +770,4 @@ class SearchIndex:
         return out_i, out_s
 
 
-__all__ = ["METRICS", "MODES", "Match", "SearchIndex", "SearchParams", "check_mode"]
+__all__ = ["METRICS", "MODES", "Match", "SearchIndex", "SearchParams", "echo", "query_problem"]

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 import schemas
-from batch_index.search import DEFAULT_MAX_K, query_problem
+from batch_index.search import DEFAULT_MAX_K, echo, query_problem
 
 DEFAULT_MAX_BYTES: Final[int] = 1 << 20  # 1 MiB: ~100x a 2,500-sample query
 MAX_CORRELATION_ID: Final[int] = 256
@@ -88,7 +88,7 @@ class Limits:
         """Why a query may not have its reply written to ``topic``; None when it may."""
         if topic == self.replies_topic:
             return None
-        shown = _echo(topic, 100)
+        shown = echo(topic, 100)
         if not TOPIC_NAME.fullmatch(topic):
             return f"reply topic {shown!r} is not a legal Kafka topic name"
         if topic in self.reserved_topics or topic.startswith("__"):
@@ -211,8 +211,8 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
 
     def err(code: ErrorCode, msg: str, **kw: Any) -> DecodeError:
         # what a sender wrote is echoed bounded: an error reply must stay small whatever the query held
-        ctx = {"correlation_id": cid, "reply_topic": reply_topic, "metric": _echo(metric), "mode": _echo(mode),
-               "k": k, "sent_at": rec["sent_at"], **kw}
+        ctx = {"correlation_id": cid, "reply_topic": reply_topic, "metric": echo(metric, MAX_ECHO),
+               "mode": echo(mode, MAX_ECHO), "k": k, "sent_at": rec["sent_at"], **kw}
         return DecodeError(code, msg, **ctx)
 
     if not 1 <= len(cid) <= MAX_CORRELATION_ID:
@@ -229,13 +229,6 @@ def _validate(rec: dict[str, Any], index: IndexInfo, limits: Limits) -> Query | 
         return err(ErrorCode(problem.code), problem.message)
     return Query(cid, sample, metric, mode, int(k), None if thr is None else float(thr), reply_topic,
                  rec["sent_at"])
-
-
-def _echo(text: str | None, limit: int = MAX_ECHO) -> str | None:
-    """``text`` cut to ``limit`` characters (marked with an ellipsis), for echoing what a sender wrote."""
-    if text is None or len(text) <= limit:
-        return text
-    return text[:limit - 1] + "\u2026"
 
 
 def id_from_key(b: bytes | None) -> str | None:
@@ -384,7 +377,7 @@ def encode_result(correlation_id: str, *, matches: Sequence[tuple[str, float, in
         error_code, error_message = error.code.value, error.message
         metric, mode, k, sent_at = error.metric, error.mode, error.k, error.sent_at
     if error_message is not None:
-        error_message = _echo(error_message, MAX_REASON)
+        error_message = echo(error_message, MAX_REASON)
     return schemas.encode("result", {
         "correlation_id": correlation_id, "status": "error" if error_code else "ok",
         "error_code": error_code, "error_message": error_message, "metric": metric, "mode": mode, "k": k,
@@ -413,7 +406,7 @@ def encode_dead_letter(*, value: bytes | None, key: bytes | None, topic: str, pa
         "value": None if value is None else bytes(value[:max_bytes]),
         "key": None if key is None else bytes(key[:MAX_DEAD_KEY]),
         "topic": topic[:249], "partition": int(partition), "offset": int(offset), "timestamp": timestamp,
-        "error_code": error.code.value[:MAX_ECHO], "reason": _echo(error.message, MAX_REASON),
+        "error_code": error.code.value[:MAX_ECHO], "reason": echo(error.message, MAX_REASON),
         "correlation_id": error.correlation_id, "failed_at": failed_at,
     })
 
