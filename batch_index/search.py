@@ -19,13 +19,14 @@ Scores returned are always the exact metric (higher = more similar); approximate
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -41,8 +42,9 @@ from batch_index.corpus.files import MAX_ABS_VALUE
 from batch_index.engine.block_sums import block_sums
 from batch_index.engine.exact import QueryTerms, ShardBounds, pruned_top_k
 from batch_index.engine.metrics import METRICS, RESCORE_MARGIN, check_metric, top_k_exact
+from batch_index.engine.one_shard import answer_one_shard
 from batch_index.engine.partition import Partition
-from batch_index.engine.rescore import approx_scores, exact_scores
+from batch_index.engine.rescore import METRIC_CODE, approx_scores, exact_scores
 from batch_index.engine.shape import SHAPE_METRICS
 from batch_index.engine.shape_index import ShapeSpaces
 from batch_index.engine.transform import SPACE_OF_METRIC, ReferenceTransform, space_points, space_queries
@@ -323,6 +325,26 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+@functools.cache
+def _blas_libraries() -> tuple[Any, ...]:
+    return tuple(lib for lib in _blas_controller().lib_controllers if lib.user_api == "blas")
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """``_blas_controller().limit(limits=1, user_api="blas")`` for less: that limit reads every library's
+    whole info on entry and sets them all back on exit (~33 us, ~2-3% of a one-query hkmeans call);
+    this sets only the BLAS libraries not at one thread already, and restores those."""
+    changed = [(lib, lib.num_threads) for lib in _blas_libraries() if lib.num_threads != 1]
+    for lib, _ in changed:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, threads in changed:
+            lib.set_num_threads(threads)
+
+
 class SearchIndex:
     """A loaded index version: small arrays in memory, raw signals memory-mapped."""
 
@@ -555,7 +577,7 @@ class SearchIndex:
             return self._shape_search(q, metric, mode, min(k, self.size), params, threads)
         kk = min(k, self.size)
         if mode == "exact":
-            with _blas_controller().limit(limits=1, user_api="blas"):
+            with _one_blas_thread():
                 slices = _slices(len(q), threads)
                 if len(slices) == 1:
                     return self._exact(q, metric, k)
@@ -565,7 +587,7 @@ class SearchIndex:
         # many small BLAS calls per query: threads only add contention (and fight Spark's own). The
         # transform too: OpenBLAS threads left from one multi-threaded call spin for a while after it,
         # measured doubling the CPU time of every hkmeans query served outside Spark's workers
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        with _one_blas_thread():
             zq, nq = self.transform.apply(q)
             aq = space_queries(zq, nq, SPACE_OF_METRIC[metric])
             visit = self._visits(zq, nq, metric, params) if mode == "hkmeans" else None
@@ -584,7 +606,7 @@ class SearchIndex:
 
         # one limit, entered here: limits entered in each worker restore each other's "previous" value
         # out of order (seen in tests: a later build in the same process wrote different trees)
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        with _one_blas_thread():
             slices = _slices(len(q), threads)
             if len(slices) == 1:
                 return run(q)
@@ -598,8 +620,43 @@ class SearchIndex:
 
     def _answer(self, q: F32, aq: F32, metric: str, mode: str, k: int, params: SearchParams,
                 visit: npt.NDArray[np.bool_] | None = None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """:meth:`search_arrays` of queries ``q`` (``aq`` in their metric's space), stage by stage over all of them
-        (``visit``: the loaded shards each query searches, see :meth:`_visits`; None: all)."""
+        """:meth:`search_arrays` of queries ``q`` (``aq`` in their metric's space; ``visit``: the loaded shards
+        each query searches, see :meth:`_visits`; None: all): hkmeans on one shard in one compiled call
+        (:meth:`_answer_one_shard`), else :meth:`_answer_by_stages`."""
+        if mode == "hkmeans" and visit is None and len(self.shards) == 1:
+            return self._answer_one_shard(q, aq, metric, k, params)
+        return self._answer_by_stages(q, aq, metric, mode, k, params, visit)
+
+    def _answer_one_shard(self, q: F32, aq: F32, metric: str, k: int, params: SearchParams
+                          ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """:meth:`_answer_by_stages`'s answer for hkmeans on a one-shard index, its stages fused
+        (``one_shard``); the queries that kernel leaves (a tie where a set is cut, too few found, dot
+        queries :meth:`_widened`) are answered by stages."""
+        s = self.shards[0]
+        space = SPACE_OF_METRIC[metric]
+        q, aq = np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(aq, dtype=np.float32)
+        by_blocks = metric == "manhattan" and self.l1_blocks > 0
+        widen = metric == "dot" and "cosine" in s.graphs
+        skip = self._widened(aq) if widen else np.zeros(len(q), np.bool_)
+        signals = np.asarray(s.signals)
+        l1, sums = (np.asarray(s.l1), block_sums(q, self.l1_blocks)) if by_blocks else (signals, q)
+        codes = s.codes(space)
+        top, exact, ok = answer_one_shard(
+            *s.trees[space].descent(s.space(space), params.n_probe, params.route), codes.codes, codes.sq_norms,
+            codes.base, codes.step, s.graphs[space], aq, int(params.ef), s.visits().stamps,
+            s.visits().reserve(len(q)), s.space_offset(space), max(params.rerank, k), by_blocks, l1, sums, signals,
+            s.signal_sq_norms, q, METRIC_CODE[metric], k, RESCORE_MARGIN, skip)
+        if s.offset:
+            top[ok] += s.offset
+        if not ok.all():
+            rest = np.flatnonzero(~ok)
+            top[rest], exact[rest] = self._answer_by_stages(q[rest], aq[rest], metric, "hkmeans", k, params)
+        return top, exact
+
+    def _answer_by_stages(self, q: F32, aq: F32, metric: str, mode: str, k: int, params: SearchParams,
+                          visit: npt.NDArray[np.bool_] | None = None
+                          ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """:meth:`_answer`, stage by stage over all of the queries (any index, any approximate mode)."""
         space = SPACE_OF_METRIC[metric]
         rerank = max(params.rerank, k)
         by_blocks = metric == "manhattan" and self.l1_blocks > 0
@@ -628,10 +685,10 @@ class SearchIndex:
         corpus p95 of 0.41, kept 3-4 of their top 10 at any ef, even by brute force in the dot space;
         the cosine walk found 6-10 of them). Other queries keep the dot walk's candidates alone.
         """
-        norm = np.sqrt(np.einsum("ij,ij->i", aq, aq))
-        wide = np.flatnonzero(aq[:, -2] > max(s.residual_p95 for s in self.shards) * np.maximum(norm, 1e-12))
+        wide = np.flatnonzero(self._widened(aq))
         if wide.size == 0:
             return cand
+        norm = np.sqrt(np.einsum("ij,ij->i", aq, aq))
         cos_q = aq[wide, :-1] / np.maximum(norm[wide], 1e-12)[:, None]
         extra = self._candidates(np.ascontiguousarray(cos_q, dtype=np.float32), "cosine", "hkmeans", params, None,
                                  None if visit is None else visit[wide])
@@ -641,6 +698,12 @@ class SearchIndex:
         merged.sort(axis=1)
         merged[:, 1:][merged[:, 1:] == merged[:, :-1]] = -1  # each row once: a duplicate could fill two of the top k
         return np.sort(merged, axis=1)
+
+    def _widened(self, aq: F32) -> npt.NDArray[np.bool_]:
+        """Which dot queries (``aq`` in the dot space) :meth:`_dot_candidates` widens: residual share beyond
+        every loaded shard's 95th percentile."""
+        norm = np.sqrt(np.einsum("ij,ij->i", aq, aq))
+        return np.asarray(aq[:, -2] > max(s.residual_p95 for s in self.shards) * np.maximum(norm, 1e-12))
 
     def _rerank(self, q: F32, cand: npt.NDArray[np.int64], metric: str, k: int, margin: int = RESCORE_MARGIN
                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:

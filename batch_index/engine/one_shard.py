@@ -1,0 +1,99 @@
+"""An hkmeans query on one shard, from tree descent to its top k, in one compiled call.
+
+At the shipped defaults a one-query hkmeans call spent ~0.7 of ~2.0 ms in the Python between its
+compiled stages (real record windows, docs/search_profile.md): the walk's (nq, ef) output, then per
+stage an ``np.where`` per shard, ``argpartition`` / ``take_along_axis`` / ``sort`` for the pool and for
+the float32 survivors, a stable ``argsort`` of the float64 scores, and a dispatch per kernel. On an
+index searched as one shard (the usual small index, or an executor's share) every stage below runs
+in one kernel per call, on scratch arrays sized once:
+
+1. the tree descent and graph walk (:func:`batch_index.engine.walk._walk`, the same compiled walk);
+2. the pool: the ``pool`` walk results nearest in reference space, or for manhattan on an index with
+   block sums, the ``pool`` of all it found with the lowest block-sum L1 bound (``block_sums``);
+3. float32 scores of the pool on the raw rows, the best ``k + margin`` of them re-scored in float64
+   (the helpers of ``rescore``, inlined, so the same values);
+4. the top ``k`` by float64 score, ties to the lower row, as :meth:`SearchIndex._rerank`.
+
+The answer must be the generic path's to the bit. Sets chosen by score are the same whatever the
+selection algorithm *unless* two candidates tie exactly where a set is cut (``argpartition`` then
+keeps either); such a query, one whose walk found fewer than ``k``, and any the caller marks ``skip``
+come back with ``ok`` False, for the caller to answer on the generic path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from batch_index.engine.rescore import approx_row_scores, exact_query_term, exact_row_score
+from batch_index.engine.tree import descend
+from batch_index.engine.walk import _query_terms, _walk
+
+
+@njit(cache=True, nogil=True)
+def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, n_probe, beam,
+                     codes, code_sq_norms, base, step, neighbors, space_queries, ef, stamps, mark, space_offset,
+                     pool, by_blocks, l1, query_sums, signals, signal_sq_norms, queries, code, k, margin, skip
+                     ):  # type: ignore[no-untyped-def]
+    """Top ``k`` local rows and float64 scores of each query, and whether each was answered here.
+
+    The first nine arguments are :meth:`batch_index.engine.tree.KMeansTree.descent`'s; ``codes`` ..
+    ``neighbors``: the shard's ``ScalarCodes`` and graph; ``space_queries`` (nq, r'): the queries in
+    reference space; ``stamps``, ``mark``: visit marks (``mark + i`` for query ``i``); ``space_offset``:
+    the shard's distance offset (``_Shard.space_offset``); ``pool``: candidates kept for the raw
+    re-rank; ``by_blocks``: choose them by the block sums ``l1`` (n, b) against ``query_sums`` (nq, b)
+    (else both are ignored); ``signals`` (n, d) and their ``signal_sq_norms``; ``queries`` (nq, d)
+    float32; ``code``: ``rescore.METRIC_CODE``; ``skip`` (nq,): queries left to the caller.
+
+    Returns (rows (nq, k) int64, scores (nq, k) float64, ok (nq,) bool); rows of a query not ok are -1.
+    """
+    nq = queries.shape[0]
+    out_i = np.full((nq, k), -1, np.int64)
+    out_s = np.full((nq, k), -np.inf, np.float64)
+    ok = np.zeros(nq, np.bool_)
+    offset = np.float32(space_offset)
+    q64 = np.empty(queries.shape[1], np.float64)
+    for i in range(nq):
+        if skip[i]:
+            continue
+        aq = space_queries[i]
+        seeds = descend(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, n_probe, beam,
+                        aq).astype(np.int64)
+        q_base, qq = _query_terms(base, aq)
+        found, dist = _walk(codes, code_sq_norms, neighbors, (step * aq).astype(np.float32), q_base, qq, seeds, ef,
+                            stamps, mark + i)
+        q = queries[i]
+        if by_blocks:  # every row found, ordered by the L1 bound (a lower bound: smaller = nearer)
+            key = -approx_row_scores(l1, found, query_sums[i], signal_sq_norms, 2)
+        else:  # as the generic path ranks walks of several shards: less the shard's offset, in float32
+            key = dist - offset
+        chosen, tie = _least(key, pool)
+        if tie:
+            continue
+        rows = np.sort(found[chosen])
+        approx = approx_row_scores(signals, rows, q, signal_sq_norms, code)
+        best, tie = _least(-approx, k + margin)
+        if tie or best.shape[0] < k:
+            continue
+        rows = np.sort(rows[best])
+        for j in range(q.shape[0]):
+            q64[j] = np.float64(q[j])
+        q_term = exact_query_term(q64, code)
+        exact = np.empty(rows.shape[0], np.float64)
+        for m in range(rows.shape[0]):
+            exact[m] = exact_row_score(signals, rows[m], q64, q_term, code)
+        top = np.argsort(-exact, kind="mergesort")[:k]  # stable: equal scores keep row order
+        out_i[i] = rows[top]
+        out_s[i] = exact[top]
+        ok[i] = True
+    return out_i, out_s, ok
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _least(key, keep):  # type: ignore[no-untyped-def]
+    """Positions of the ``keep`` lowest of ``key`` (all of them when there are no more), and whether the
+    cut falls between two equal values (which the generic path's ``argpartition`` may break either way)."""
+    if key.shape[0] <= keep:
+        return np.arange(key.shape[0]), False
+    order = np.argsort(key)
+    return order[:keep], key[order[keep - 1]] == key[order[keep]]
