@@ -644,8 +644,8 @@ class SearchIndex:
         top, exact, ok = answer_one_shard(
             *s.trees[space].descent(s.space(space), params.n_probe, params.route), codes.codes, codes.sq_norms,
             codes.base, codes.step, s.graphs[space], aq, int(params.ef), s.visits().stamps,
-            s.visits().reserve(len(q)), s.space_offset(space), max(params.rerank, k), by_blocks, l1, sums, signals,
-            s.signal_sq_norms, q, METRIC_CODE[metric], k, RESCORE_MARGIN, skip)
+            s.visits().reserve(len(q)), s.space_offset(space), max(params.rerank, k), by_blocks, l1, sums,
+            METRIC_CODE["manhattan"], signals, s.signal_sq_norms, q, METRIC_CODE[metric], k, RESCORE_MARGIN, skip)
         if s.offset:
             top[ok] += s.offset
         if not ok.all():

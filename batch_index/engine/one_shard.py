@@ -11,7 +11,7 @@ in one kernel per call, on scratch arrays sized once:
 2. the pool: the ``pool`` walk results nearest in reference space, or for manhattan on an index with
    block sums, the ``pool`` of all it found with the lowest block-sum L1 bound (``block_sums``);
 3. float32 scores of the pool on the raw rows, the best ``k + margin`` of them re-scored in float64
-   (the helpers of ``rescore``, inlined, so the same values);
+   (``rescore``'s kernels);
 4. the top ``k`` by float64 score, ties to the lower row, as :meth:`SearchIndex._rerank`.
 
 The answer must be the generic path's to the bit. Sets chosen by score are the same whatever the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from batch_index.engine.rescore import approx_row_scores, exact_query_term, exact_row_score
+from batch_index.engine.rescore import _approx_many, _exact_many
 from batch_index.engine.tree import descend
 from batch_index.engine.walk import _query_terms, _walk
 
@@ -33,8 +33,8 @@ from batch_index.engine.walk import _query_terms, _walk
 @njit(cache=True, nogil=True)
 def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, vectors, row_of_node, n_probe, beam,
                      codes, code_sq_norms, base, step, neighbors, space_queries, ef, stamps, mark, space_offset,
-                     pool, by_blocks, l1, query_sums, signals, signal_sq_norms, queries, code, k, margin, skip
-                     ):  # type: ignore[no-untyped-def]
+                     pool, by_blocks, l1, query_sums, l1_code, signals, signal_sq_norms, queries, code, k, margin,
+                     skip):  # type: ignore[no-untyped-def]
     """Top ``k`` local rows and float64 scores of each query, and whether each was answered here.
 
     The first nine arguments are :meth:`batch_index.engine.tree.KMeansTree.descent`'s; ``codes`` ..
@@ -42,8 +42,13 @@ def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, ve
     reference space; ``stamps``, ``mark``: visit marks (``mark + i`` for query ``i``); ``space_offset``:
     the shard's distance offset (``_Shard.space_offset``); ``pool``: candidates kept for the raw
     re-rank; ``by_blocks``: choose them by the block sums ``l1`` (n, b) against ``query_sums`` (nq, b)
-    (else both are ignored); ``signals`` (n, d) and their ``signal_sq_norms``; ``queries`` (nq, d)
-    float32; ``code``: ``rescore.METRIC_CODE``; ``skip`` (nq,): queries left to the caller.
+    (else both are ignored), ``l1_code`` being manhattan's ``rescore.METRIC_CODE``; ``signals`` (n, d)
+    and their ``signal_sq_norms``; ``queries`` (nq, d) float32; ``code``: the metric's
+    ``rescore.METRIC_CODE``; ``skip`` (nq,): queries left to the caller.
+
+    The raw re-rank calls ``rescore``'s kernels themselves, on one-row C-contiguous arrays: the same
+    compiled code as the generic path runs, so the same float bits (a copy of their loops inlined here
+    vectorised differently and moved the float64 scores' last bits).
 
     Returns (rows (nq, k) int64, scores (nq, k) float64, ok (nq,) bool); rows of a query not ok are -1.
     """
@@ -52,7 +57,9 @@ def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, ve
     out_s = np.full((nq, k), -np.inf, np.float64)
     ok = np.zeros(nq, np.bool_)
     offset = np.float32(space_offset)
-    q64 = np.empty(queries.shape[1], np.float64)
+    q32 = np.empty((1, queries.shape[1]), np.float32)
+    q64 = np.empty((1, queries.shape[1]), np.float64)
+    sums = np.empty((1, query_sums.shape[1]), np.float32)
     for i in range(nq):
         if skip[i]:
             continue
@@ -62,28 +69,26 @@ def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, ve
         q_base, qq = _query_terms(base, aq)
         found, dist = _walk(codes, code_sq_norms, neighbors, (step * aq).astype(np.float32), q_base, qq, seeds, ef,
                             stamps, mark + i)
-        q = queries[i]
         if by_blocks:  # every row found, ordered by the L1 bound (a lower bound: smaller = nearer)
-            key = -approx_row_scores(l1, found, query_sums[i], signal_sq_norms, 2)
+            sums[0] = query_sums[i]
+            key = -_approx_many(l1, found.reshape(1, -1), sums, signal_sq_norms, l1_code)[0]
         else:  # as the generic path ranks walks of several shards: less the shard's offset, in float32
             key = dist - offset
         chosen, tie = _least(key, pool)
         if tie:
             continue
-        rows = np.sort(found[chosen])
-        approx = approx_row_scores(signals, rows, q, signal_sq_norms, code)
+        rows = np.sort(found[chosen]).reshape(1, -1)
+        q32[0] = queries[i]
+        approx = _approx_many(signals, rows, q32, signal_sq_norms, code)[0]
         best, tie = _least(-approx, k + margin)
         if tie or best.shape[0] < k:
             continue
-        rows = np.sort(rows[best])
-        for j in range(q.shape[0]):
-            q64[j] = np.float64(q[j])
-        q_term = exact_query_term(q64, code)
-        exact = np.empty(rows.shape[0], np.float64)
-        for m in range(rows.shape[0]):
-            exact[m] = exact_row_score(signals, rows[m], q64, q_term, code)
+        rows = np.sort(rows[0][best]).reshape(1, -1)
+        for j in range(queries.shape[1]):
+            q64[0, j] = np.float64(queries[i, j])
+        exact = _exact_many(signals, rows, q64, code)[0]
         top = np.argsort(-exact, kind="mergesort")[:k]  # stable: equal scores keep row order
-        out_i[i] = rows[top]
+        out_i[i] = rows[0][top]
         out_s[i] = exact[top]
         ok[i] = True
     return out_i, out_s, ok

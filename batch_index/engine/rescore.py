@@ -52,34 +52,27 @@ def exact_scores(queries: np.ndarray, signals: np.ndarray, rows: I64, metric: st
 def _approx_many(x, rows, queries, sq_norms, code):  # type: ignore[no-untyped-def]
     out = np.full(rows.shape, -np.inf, np.float32)
     for i in range(rows.shape[0]):
+        q = queries[i]
         real = rows[i][rows[i] >= 0]
-        s = approx_row_scores(x, real, queries[i], sq_norms, code)
+        s = _row_scores(x, real, q, code == MANHATTAN)
+        if code == COSINE or code == EUCLIDEAN:
+            qq = np.float32(0.0)
+            for j in range(q.shape[0]):
+                qq += q[j] * q[j]
+            for k in range(real.shape[0]):
+                xx = sq_norms[real[k]]
+                if code == COSINE:
+                    s[k] = s[k] / max(np.sqrt(xx * qq), np.float32(_EPS))
+                else:
+                    s[k] = np.float32(2.0) * s[k] - xx - qq
+        elif code == MANHATTAN:
+            s = -s
         m = 0
         for k in range(rows.shape[1]):
             if rows[i, k] >= 0:
                 out[i, k] = s[m]
                 m += 1
     return out
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def approx_row_scores(x, real, q, sq_norms, code):  # type: ignore[no-untyped-def]
-    """:func:`approx_scores` of ``x[real]`` (rows that exist) to one query ``q``, in ``real``'s order;
-    inlined into every caller, so that each computes the same float32 values."""
-    s = _row_scores(x, real, q, code == MANHATTAN)
-    if code == COSINE or code == EUCLIDEAN:
-        qq = np.float32(0.0)
-        for j in range(q.shape[0]):
-            qq += q[j] * q[j]
-        for k in range(real.shape[0]):
-            xx = sq_norms[real[k]]
-            if code == COSINE:
-                s[k] = s[k] / max(np.sqrt(xx * qq), np.float32(_EPS))
-            else:
-                s[k] = np.float32(2.0) * s[k] - xx - qq
-    elif code == MANHATTAN:
-        s = -s
-    return s
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -90,7 +83,10 @@ def _exact_many(x, rows, queries, code):  # type: ignore[no-untyped-def]
     out = np.full(rows.shape, -np.inf, np.float64)
     for i in range(rows.shape[0]):
         q = queries[i]
-        qq = exact_query_term(q, code)
+        qq = 0.0
+        if code == COSINE:
+            for j in range(d):
+                qq += q[j] * q[j]
         real = rows[i][rows[i] >= 0]
         for k in range(min(_AHEAD, real.shape[0])):
             prefetch_span(flat, real[k] * d, d)
@@ -102,46 +98,29 @@ def _exact_many(x, rows, queries, code):  # type: ignore[no-untyped-def]
             if m + _AHEAD < real.shape[0]:
                 prefetch_span(flat, real[m + _AHEAD] * d, d)
             m += 1
-            out[i, k] = exact_row_score(x, r, q, qq, code)
+            s = 0.0
+            if code == DOT:
+                for j in range(d):
+                    s += np.float64(x[r, j]) * q[j]
+                out[i, k] = s
+            elif code == COSINE:
+                xx = 0.0
+                for j in range(d):
+                    v = np.float64(x[r, j])
+                    s += v * q[j]
+                    xx += v * v
+                denom = np.sqrt(qq) * np.sqrt(xx)
+                out[i, k] = s / denom if denom > _EPS else 0.0
+            elif code == EUCLIDEAN:
+                for j in range(d):
+                    t = np.float64(x[r, j]) - q[j]
+                    s += t * t
+                out[i, k] = 1.0 / (1.0 + np.sqrt(s))
+            else:
+                for j in range(d):
+                    s += abs(np.float64(x[r, j]) - q[j])
+                out[i, k] = 1.0 / (1.0 + s)
     return out
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def exact_query_term(q, code):  # type: ignore[no-untyped-def]
-    """What :func:`exact_row_score` needs of float64 query ``q`` once: ``|q|^2`` for cosine, else 0."""
-    qq = 0.0
-    if code == COSINE:
-        for j in range(q.shape[0]):
-            qq += q[j] * q[j]
-    return qq
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def exact_row_score(x, r, q, qq, code):  # type: ignore[no-untyped-def]
-    """float64 score of row ``r`` of ``x`` to float64 query ``q`` (``qq``: :func:`exact_query_term`);
-    inlined into every caller, so that each returns the same bits."""
-    d = x.shape[1]
-    s = 0.0
-    if code == DOT:
-        for j in range(d):
-            s += np.float64(x[r, j]) * q[j]
-        return s
-    if code == COSINE:
-        xx = 0.0
-        for j in range(d):
-            v = np.float64(x[r, j])
-            s += v * q[j]
-            xx += v * v
-        denom = np.sqrt(qq) * np.sqrt(xx)
-        return s / denom if denom > _EPS else 0.0
-    if code == EUCLIDEAN:
-        for j in range(d):
-            t = np.float64(x[r, j]) - q[j]
-            s += t * t
-        return 1.0 / (1.0 + np.sqrt(s))
-    for j in range(d):
-        s += abs(np.float64(x[r, j]) - q[j])
-    return 1.0 / (1.0 + s)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
