@@ -472,9 +472,14 @@ class SearchIndex:
                     budget -= mapped.nbytes
         if self.size:  # and compile (or load from numba's cache) the kernels each metric runs
             probe = np.asarray(self.shards[0].signals[:1], dtype=np.float32)
+            params = SearchParams(n_probe=1, ef=4, rerank=4)
             for metric in self.metrics:
                 for mode in ("hkmeans", "exact"):
-                    self.search_arrays(probe, metric, mode, 1, SearchParams(n_probe=1, ef=4, rerank=4))
+                    self.search_arrays(probe, metric, mode, 1, params)
+                if metric in SPACE_OF_METRIC and len(self.shards) == 1:  # what one_shard hands back goes by stages
+                    zq, nq = self.transform.apply(probe)
+                    self._answer_by_stages(probe, space_queries(zq, nq, SPACE_OF_METRIC[metric]), metric, "hkmeans",
+                                           1, params)
         return self
 
     # ---- what callers check against -------------------------------------------------------------

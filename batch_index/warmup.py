@@ -5,8 +5,10 @@ search`` after an install compiled the walk, descent, re-scoring and bound kerne
 (measured on a 360-signal index: 24.4 s wall against 3.1 s for the next, see
 ``bench/results/first-search``). Compiled code is specific to the argument types, not to sizes, so a
 tiny index answering every metric in every mode, one query and a batch, compiles every signature a
-real index uses (float32 memory maps opened read-only, int32 graphs, ...). ``make setup`` and the
-Docker image run this once after installing.
+real index uses (float32 memory maps opened read-only, int32 graphs, ...). The index is one shard,
+so hkmeans answers in one call (``one_shard``); :meth:`SearchIndex.warm` also runs the stage-by-stage
+path, which indexes of several shards take. ``make setup`` and the Docker image run this once after
+installing.
 """
 
 from __future__ import annotations
