@@ -1,11 +1,11 @@
 """An hkmeans query on one shard, from tree descent to its top k, in one compiled call.
 
-At the shipped defaults a one-query hkmeans call spent ~0.7 of ~2.0 ms in the Python between its
-compiled stages (real record windows, docs/search_profile.md): the walk's (nq, ef) output, then per
-stage an ``np.where`` per shard, ``argpartition`` / ``take_along_axis`` / ``sort`` for the pool and for
-the float32 survivors, a stable ``argsort`` of the float64 scores, and a dispatch per kernel. On an
-index searched as one shard (the usual small index, or an executor's share) every stage below runs
-in one kernel per call, on scratch arrays sized once:
+At the shipped defaults a one-query hkmeans call spent ~0.3 ms unprofiled (~0.7 of ~2.0 under cProfile)
+in the Python between its compiled stages (real record windows, docs/search_profile.md): the walk's
+(nq, ef) output, then per stage an ``np.where`` per shard, ``argpartition`` / ``take_along_axis`` /
+``sort`` for the pool and for the float32 survivors, a stable ``argsort`` of the float64 scores, and a
+dispatch per kernel. On an index searched as one shard (the usual small index, or an executor's share)
+every stage below runs in one kernel per call (measured 1.2-1.3x faster one query a call, batches on par):
 
 1. the tree descent and graph walk (:func:`batch_index.engine.walk._walk`, the same compiled walk);
 2. the pool: the ``pool`` walk results nearest in reference space, or for manhattan on an index with
@@ -56,9 +56,9 @@ def answer_one_shard(child_start, child_count, leaf_start, leaf_count, order, ve
     out_i = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), -np.inf, np.float64)
     alive = ~skip
-    # stage by stage over every query, as the generic path goes: a batch's walks share the codes and the
-    # graph in cache, its re-ranks the raw rows (one walk, then one re-rank, per query measured ~1.4x slower
-    # for a batch of 16 manhattan queries)
+    # stage by stage over every query, as the generic path goes, so that a batch's walks share the codes and
+    # the graph in cache (one query's walk and re-rank, then the next's, measured slower for batches of 16
+    # in runs under load: manhattan 1.0-1.45 against 1.0-1.15 ms a query)
     found = np.full((nq, ef), -1, np.int64)
     dist = np.full((nq, ef), np.inf, np.float32)
     n_found = np.zeros(nq, np.int64)
