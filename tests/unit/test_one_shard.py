@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from batch_index.build.shards import BuildConfig, build_index
 from batch_index.corpus.synthetic import SynthConfig, generate
 from batch_index.corpus.wfdb import IngestConfig, windows_from_record
 from batch_index.engine.metrics import DEFAULT_METRICS, scores
 from batch_index.engine.transform import SPACE_OF_METRIC, space_queries
-from batch_index.search import SearchIndex, SearchParams
+from batch_index.search import SearchIndex, SearchParams, _one_blas_thread
 
 CFG = BuildConfig(n_references=128, reference_sample=512, basis_rank=48, leaf_size=16, branching=6, graph_degree=10,
                   l1_blocks=25, seed=0)
@@ -123,3 +124,15 @@ def test_a_loaded_shard_of_many_answers_with_global_rows(tmp_path: Path) -> None
         two = share.search_arrays(q, metric, "hkmeans", 10, params, threads=2)
         np.testing.assert_array_equal(two[0], got[0])
         np.testing.assert_array_equal(two[1], got[1])
+
+
+def test_the_blas_cap_holds_one_thread_inside_and_restores_after() -> None:
+    """``_one_blas_thread`` replaced threadpoolctl's ``limit`` (cheaper): same effect on the BLAS pools."""
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        with _one_blas_thread():
+            assert set(blas_threads()) <= {1}
+        assert blas_threads() == before
