@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--shards", type=int, default=8, help="shards built (default %(default)s)")
     rt.add_argument("--cells-per-shard", type=int, default=None, help="k-means cells per shard (default: the build's)")
     rt.add_argument("--queries", type=int, default=200)
+    rt.add_argument("--growth", default="", help="comma-separated corpus sizes: instead, how the shards probed "
+                    "for recall@10 >= 0.95 grow with the shard count at a fixed shard size (GROWTH.md)")
+    rt.add_argument("--shard-rows", type=int, default=5_000, help="shard size of --growth (default %(default)s)")
 
     d = sub.add_parser("distributed", help="study 4: Spark build with local[1] vs local[2]")
     _common(d, "distributed")
@@ -250,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          workdir=args.workdir, out=args.out)
             if args.cells_per_shard:
                 rcfg = routing.replace(rcfg, cells_per_shard=args.cells_per_shard)
-            routing.run(rcfg, _command(argv))
+            if args.growth:
+                rcfg = routing.replace(rcfg, growth_sizes=tuple(int(float(v)) for v in args.growth.split(",")),
+                                       shard_rows=args.shard_rows)
+                routing.run_growth(rcfg, _command(argv))
+            else:
+                routing.run(rcfg, _command(argv))
             return 0
         if args.study == "distributed":
             from bench import distributed

@@ -140,9 +140,10 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
                 signals: npt.NDArray[np.float32], transform: ReferenceTransform, cfg: BuildConfig
                 ) -> ShardInfo:
     """Transform one shard, build one tree per metric space, write its files."""
-    t0 = time.perf_counter()
+    clock = _StageClock()
     z, norms = transform.apply(signals)
     max_norm = float(norms.max(initial=0.0))
+    clock.lap("transform")
     trees: dict[str, bytes] = {}
     graphs: dict[str, npt.NDArray[np.int32]] = {}
     with warnings.catch_warnings(), threadpool_limits(limits=1):
@@ -152,9 +153,11 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
             tree = build_tree(pts, branching=cfg.branching, leaf_size=cfg.leaf_size, max_depth=cfg.max_depth,
                               kmeans=cfg.kmeans, seed=shard_seed(cfg.seed, shard))
             trees[space] = tree.to_bytes()
+            clock.lap(f"tree {space}")
             graphs[space] = build_graph(pts, degree=cfg.graph_degree, cluster_size=cfg.graph_cluster_size,
                                          seed=shard_seed(cfg.seed, shard),
                                          inner_product_cols=z.shape[1] if space == "dot" else 0)
+            clock.lap(f"graph {space}")
     extra = {"l1-blocks": block_sums(signals, cfg.l1_blocks)} if uses_l1_blocks(cfg) else {}
     if shape_spaces_of(cfg.metrics):
         with warnings.catch_warnings(), threadpool_limits(limits=1):
@@ -168,10 +171,33 @@ def build_shard(index_dir: Path, shard: int, ids: list[str], labels: list[str] |
         trees.update(more_trees)
         graphs.update(more_graphs)
         extra.update(more)
+    clock.lap("block sums, shape")
     info = write_shard_arrays(index_dir, shard, ids, labels, signals, z, norms, trees, graphs, extra)
-    logger.info("shard %d: %d signals, trees %s built in %.1f s", shard, len(ids), list(trees),
-                time.perf_counter() - t0)
+    clock.lap("write")
+    logger.info("shard %d: %d signals, trees %s built in %.1f s (%s)", shard, len(ids), list(trees),
+                clock.total, clock)
     return info
+
+
+class _StageClock:
+    """Seconds per build stage, logged with each shard: where a large build's time goes (the graphs,
+    measured) is what decides which knob to turn."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.t0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items())
 
 
 def finish_index(index_dir: Path, transform: ReferenceTransform, shards: list[ShardInfo], cfg: BuildConfig,

@@ -1,6 +1,6 @@
 """Promise 1, no accepted query is lost: ``python -m streaming serve`` SIGKILLed mid-stream, restarted.
 
-Queries flow the whole time (also while the job is down); the job is killed three times at random
+Queries flow the whole time (also while the job is down); the job is killed twice at random
 moments once it is answering, the first time only its Python driver (its JVM must follow by itself),
 then its whole process group (a crashed container), and restarted from the same checkpoint. Every
 query is answered, correctly, and a query answered twice (a batch replayed after a crash) got the
@@ -26,7 +26,7 @@ from .reliability import brute_force, read_topic
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Pa55w0rd-do-not-log"
-KILLS = 3
+KILLS = 2  # each kind once: a third incarnation cost ~25 s of start-up and proved nothing new
 RATE = 20.0  # queries per second, sent from start to finish
 FIRST_START_CAP_S = 240.0  # a first start-up slower than this fails the test by itself
 

@@ -182,3 +182,17 @@ def test_routing_study_writes_its_table(tmp_path):
     assert len(rows) == 1 + 2 * 2  # header, then every probe count of every metric
     md = (out / "README.md").read_text()
     assert "| cosine | 2 |" in md and "time vs all shards" in md
+
+
+def test_routing_growth_probes_up_to_the_target(tmp_path):
+    from bench import routing
+
+    cfg = routing.RoutingConfig(cells_per_shard=4, n_queries=6, metrics=("euclidean",), workdir=tmp_path / "w",
+                                out=tmp_path / "out", growth_sizes=(600, 1200), shard_rows=300)
+    out = routing.run_growth(cfg, "pytest")
+    rows = list(csv.DictReader((out / "growth.csv").open()))
+    assert [(int(r["n"]), int(r["shards"])) for r in rows] == [(600, 2), (1200, 4)]
+    for r in rows:  # the probe found reaches the target, or is every shard
+        assert float(r["recall"]) >= cfg.target or int(r["probe_for_target"]) == int(r["shards"])
+        assert 1 <= int(r["probe_for_target"]) <= int(r["shards"])
+    assert "probe / shards" in (out / "GROWTH.md").read_text()
