@@ -94,11 +94,11 @@ def test_one_compiled_call_answers_as_the_stages_do(case, metric: str, params, m
             assert sum(left) <= 0.2 * 2 * len(q), (k, left)
 
 
-def test_ties_at_a_cut_go_to_the_stages(case, monkeypatch) -> None:
+def test_ties_at_a_cut_go_to_the_stages(tmp_path: Path, monkeypatch) -> None:
     """Exact duplicates tie in the walk and in the re-rank: those queries must take the generic path."""
-    kind, index, _, q = case
-    if kind != "duplicates":
-        pytest.skip("only duplicates are sure to tie")
+    x = _corpus("duplicates", None)
+    index = SearchIndex.load(build_index([f"s{i}" for i in range(len(x))], x, tmp_path / "v", CFG))
+    q = np.ascontiguousarray(x[:12])
     left: list[int] = []
     by_stages = SearchIndex._answer_by_stages
     monkeypatch.setattr(SearchIndex, "_answer_by_stages",
