@@ -25,6 +25,7 @@ import itertools
 import logging
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -318,21 +319,22 @@ def _best(rows: npt.NDArray[np.int64], score: np.ndarray, keep: int) -> npt.NDAr
     return np.sort(np.take_along_axis(rows, np.argpartition(-score, keep - 1, axis=1)[:, :keep], 1), axis=1)
 
 
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    """Found once: ``threadpool_limits()`` rescans every loaded library on each call (measured 3.2 ms,
-    about half the time of one hkmeans query at 10^5), the controller's ``limit()`` takes ~10 us."""
-    return ThreadpoolController()
-
-
-@functools.cache
 def _blas_libraries() -> tuple[Any, ...]:
-    return tuple(lib for lib in _blas_controller().lib_controllers if lib.user_api == "blas")
+    """Rescanned whenever the count of imported modules changes: a BLAS loaded after the first search
+    (FAISS's, ScaNN's) arrives with an import, and a list found once left it uncapped (CI caught it)."""
+    return _blas_libraries_in(len(sys.modules))
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_libraries_in(modules: int) -> tuple[Any, ...]:
+    """A ``ThreadpoolController()`` scans every loaded library (3.2 ms, half of one hkmeans query at
+    10^5); the module count that keys it costs ~50 ns to read."""
+    return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas")
 
 
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """``_blas_controller().limit(limits=1, user_api="blas")`` for less: that limit reads every library's
+    """``ThreadpoolController().limit(limits=1, user_api="blas")`` for less: that limit reads every library's
     whole info on entry and sets them all back on exit (~33 us, ~2-3% of a one-query hkmeans call);
     this sets only the BLAS libraries not at one thread already, and restores those."""
     changed = [(lib, lib.num_threads) for lib in _blas_libraries() if lib.num_threads != 1]
