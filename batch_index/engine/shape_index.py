@@ -356,25 +356,29 @@ class ShapeSpaces:
         qz = znormalise(q, np.float32)
         qspec = spectra(qz, self.nfft)
         fq = spectral_features(qz, self.nfft, self.bins)
-        bounds = np.vstack([np.asarray(s.features) @ fq.T for s in self.shards]).T  # (nq, N), global rows
+        # columns: the loaded shards' rows end to end; a loaded subset (an executor's shards) does not
+        # start at global row 0 nor run contiguously, so a column maps to its global row by ``start``
+        bounds = np.vstack([np.asarray(s.features) @ fq.T for s in self.shards]).T  # (nq, loaded rows)
+        start = np.cumsum([0] + [len(s.signals) for s in self.shards])
+        global_row = np.concatenate([np.arange(s.offset, s.offset + len(s.signals)) for s in self.shards])
         keep = min(keep, bounds.shape[1])
         if keep == 0:
             return np.full((len(q), 0), -1, np.int64)
-        seed = np.argpartition(-bounds, keep - 1, axis=1)[:, :keep]  # global rows (shards are contiguous)
+        seed = np.argpartition(-bounds, keep - 1, axis=1)[:, :keep]  # columns
         best_i = np.empty((len(q), keep), np.int64)
         best_s = np.empty((len(q), keep), np.float32)
-        for i, rows in enumerate(seed):
-            rows = np.sort(rows)
+        for i, cols in enumerate(seed):
+            rows = np.sort(global_row[cols])
             sc, _ = best_lags(qspec[i:i + 1], spectra(znormalise(self._gather(rows), np.float32), self.nfft),
                               self.nfft, self.max_lag)
             best_i[i], best_s[i] = rows, sc
         seen = np.zeros(bounds.shape, dtype=bool)
         np.put_along_axis(seen, seed, True, axis=1)
         floor = best_s.min(axis=1)
-        for s in self.shards:
+        for s, first in zip(self.shards, start, strict=False):
             for lo in range(0, len(s.signals), _SWEEP_BLOCK):
                 hi = min(lo + _SWEEP_BLOCK, len(s.signals))
-                g = slice(s.offset + lo, s.offset + hi)
+                g = slice(first + lo, first + hi)
                 need = (bounds[:, g] + _BOUND_SLACK >= floor[:, None]) & ~seen[:, g]
                 if not need.any():
                     continue

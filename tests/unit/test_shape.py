@@ -162,6 +162,23 @@ def test_exact_mode_is_brute_force(shape_index: SearchIndex, ecg: np.ndarray, me
         np.testing.assert_allclose([m.score for m in matches], truth[order], rtol=1e-9)
 
 
+@pytest.mark.parametrize("metric", ["shape", "zeuclidean"])
+def test_exact_mode_on_one_loaded_shard_is_that_shards_brute_force(shape_index: SearchIndex, ecg: np.ndarray,
+                                                                   metric: str) -> None:
+    """An executor loads only its shards: the second one starts at a global row above 0 (its exact
+    ``shape`` sweep once read the first shard's rows in its place, a silent wrong answer)."""
+    part = SearchIndex.load(shape_index.path, shards=[1])
+    lo, signals = part.shards[0].offset, ecg[[int(i[1:]) for i in part.shards[0].ids]]
+    assert lo > 0
+    queries = generate(50_000, 4, SYN)[2]
+    rows, sc = part.search_arrays(queries, metric, "exact", 6, SearchParams.for_metric(metric))
+    for q, got, got_s in zip(queries, rows, sc):
+        truth = scores(q, signals, metric, max_lag=60)
+        order = np.argsort(-truth, kind="stable")[:6]
+        assert list(got) == list(order + lo)
+        np.testing.assert_allclose(got_s, truth[order], rtol=1e-9)
+
+
 def test_exact_shape_sweep_equals_brute_force_across_query_groups(shape_index: SearchIndex, ecg: np.ndarray) -> None:
     """40 queries span two groups of the sweep; the shifted copies' high scores let the bound prune."""
     long = np.hstack([ecg[:20], ecg[1:21]])
