@@ -332,19 +332,58 @@ def _blas_libraries_in(modules: int) -> tuple[Any, ...]:
     return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas")
 
 
+class _BlasCap:
+    """One BLAS thread while any search is inside, whatever the number of threads searching.
+
+    BLAS thread counts are per process. Searches in several threads at once (a server's burst, the
+    index loader warming a new version while the current one answers) each entering a limit of their
+    own restored each other's saved value out of order: BLAS back at N threads under a running search,
+    or left at 1 after all of them. Here the first to enter saves and caps, the last to leave restores;
+    each entrant also caps what was raised since (a library loaded meanwhile, or someone else's limit).
+    Measured with OpenBLAS 0.3.30/0.3.31 (pthreads): once its pool has more than one thread, a
+    ``set_num_threads`` from any thread but the main one is ignored, so a search running in a worker
+    thread is capped only if the main thread capped the process (a server should start at 1).
+    It replaces ``ThreadpoolController().limit(limits=1, user_api="blas")``, which reads every
+    library's whole info on entry and sets them all back on exit (~33 us, ~2-3% of a one-query hkmeans
+    call): this sets only the BLAS libraries not at one thread already.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: dict[int, tuple[Any, int]] = {}
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = {}
+            for lib in _blas_libraries():
+                threads = lib.num_threads
+                if threads != 1:
+                    self._saved.setdefault(id(lib), (lib, threads))
+                    lib.set_num_threads(1)
+            self._inside += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                for lib, threads in self._saved.values():
+                    lib.set_num_threads(threads)
+                self._saved = {}
+
+
+_BLAS_CAP: Final[_BlasCap] = _BlasCap()
+
+
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """``ThreadpoolController().limit(limits=1, user_api="blas")`` for less: that limit reads every library's
-    whole info on entry and sets them all back on exit (~33 us, ~2-3% of a one-query hkmeans call);
-    this sets only the BLAS libraries not at one thread already, and restores those."""
-    changed = [(lib, lib.num_threads) for lib in _blas_libraries() if lib.num_threads != 1]
-    for lib, _ in changed:
-        lib.set_num_threads(1)
+    """See :class:`_BlasCap`."""
+    _BLAS_CAP.enter()
     try:
         yield
     finally:
-        for lib, threads in changed:
-            lib.set_num_threads(threads)
+        _BLAS_CAP.leave()
 
 
 class SearchIndex:
