@@ -351,7 +351,7 @@ class _BlasCap:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inside = 0
-        self._saved: dict[int, tuple[Any, int]] = {}
+        self._saved: dict[str, tuple[Any, int]] = {}  # by library file: a rescan makes new controllers
 
     def enter(self) -> None:
         with self._lock:
@@ -360,7 +360,7 @@ class _BlasCap:
             for lib in _blas_libraries():
                 threads = lib.num_threads
                 if threads != 1:
-                    self._saved.setdefault(id(lib), (lib, threads))
+                    self._saved.setdefault(lib.filepath, (lib, threads))
                     lib.set_num_threads(1)
             self._inside += 1
 
